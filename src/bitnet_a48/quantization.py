@@ -1,0 +1,223 @@
+"""Pure-torch quantisers of BitNet a4.8 (arXiv 2411.04965, section 2): the reference for every kernel.
+
+All statistics are computed in fp32, per tensor for weights and per token (over the last dimension) for
+activations. ``RoundClip(x, a, b) = min(max(round(x), a), b)``; ``round`` is torch's half-to-even.
+
+Weights, ternary absmean (BitNet b1.58, eq. 1-3)::
+
+    Q_w(W) = α · RoundClip(W / α, -1, 1),           α = mean|W|                 codes in {-1, 0, 1}
+
+Activations, per token::
+
+    INT8  Q_8(X) = (γ/127) · RoundClip(127·X/γ, -128, 127),   γ = max|X|      codes in [-128, 127]
+    INT4  Q_4(X) = (β/√7) · RoundClip(√7·X/β, -8, 7),         β = mean|X|     codes in [-8, 7]
+    TopK  S_k(X) = X ⊙ M, M = 1 on the k = ⌈ratio·d⌉ largest |X| of the token (then INT8, for o_proj)
+    FP4   E2M1 MinMax (section 2.3): X is scaled so that max|X| lands on 6, the largest E2M1 value, and every
+          entry is rounded on the E2M1 grid {0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6}.
+
+The statistic is clamped (``γ.clamp(min=1e-5)``) instead of adding ε, as the b1.58 reference code and
+transformers' BitNet do, so that the b1.58 arithmetic matches ``BitNetForCausalLM``. The codes are
+``round(x · (Q/γ))`` in that same order of operations.
+
+Every quantiser returns integer ``codes`` and an fp32 ``scale`` with ``dequantize(codes, scale) = codes · scale``:
+
+==========================  ==================  ===================  =============================
+function                    codes (dtype)       scale shape          meaning of scale
+==========================  ==================  ===================  =============================
+quantize_weight_ternary     int8 in {-1,0,1}    ()                   α = mean|W|
+quantize_act_int8           int8 in [-128,127]  (..., 1)             γ / 127
+quantize_act_int4           int8 in [-8, 7]     (..., 1)             β / √7
+quantize_act_fp4            int8 in 2·E2M1      (..., 1)             max|X| / 12
+quantize_act_topk_int8      int8 (k non-zero)   (..., 1)             γ / 127 of the kept values
+==========================  ==================  ===================  =============================
+
+FP4 codes hold twice the E2M1 value ({0, ±1, ±2, ±3, ±4, ±6, ±8, ±12}), so they are integers that int8
+kernels consume unchanged; ``codes / 2`` lies on the E2M1 grid and ``scale · 2`` is the per-token step.
+
+``fake_quantize_*`` return the dequantised tensor in the input dtype with the identity straight-through
+estimator ``x + (q(x) - x).detach()`` (section 2: every non-differentiable op is bypassed in backward).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+QUANT_EPS = 1e-5
+INT8_QMIN, INT8_QMAX = -128, 127
+INT4_QMIN, INT4_QMAX = -8, 7
+INT4_ABSMEAN_FACTOR = math.sqrt(7.0)
+TERNARY_QMIN, TERNARY_QMAX = -1, 1
+FP4_E2M1_MAX = 6.0
+FP4_E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Codes store 2·E2M1 so that they are integers; the largest code is 12.
+FP4_CODE_MAX = 2 * FP4_E2M1_MAX
+
+# Which input quantiser each projection role uses (SPEC section 2, table).
+ROLES = ("qkv", "o", "gate_up", "down")
+QUANT_MODES = ("a4.8", "a8", "none")
+ACT4_FORMATS = ("int4", "fp4")
+
+
+class Quantized(NamedTuple):
+    """Integer codes and the fp32 scale that maps them back: ``codes * scale``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``codes · scale`` computed in fp32, returned in ``dtype``."""
+    return (codes.float() * scale.float()).to(dtype)
+
+
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Identity straight-through estimator: the value of ``q``, the gradient of ``x``."""
+    return x + (q.to(x.dtype) - x).detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------------------
+
+
+def quantize_weight_ternary(weight: torch.Tensor) -> Quantized:
+    """Ternary absmean quantisation of a whole tensor: codes in {-1, 0, 1}, scale α = mean|W| (0-dim)."""
+    w = weight.float()
+    alpha = w.abs().mean().clamp(min=QUANT_EPS)
+    codes = (w * (1.0 / alpha)).round().clamp(TERNARY_QMIN, TERNARY_QMAX)
+    return Quantized(codes.to(torch.int8), alpha)
+
+
+def fake_quantize_weight_ternary(weight: torch.Tensor) -> torch.Tensor:
+    """``Q_w(W)`` in the weight's dtype with the straight-through gradient."""
+    codes, alpha = quantize_weight_ternary(weight)
+    return ste(weight, dequantize(codes, alpha))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations (per token = per row of the last dimension)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_activation(x: torch.Tensor) -> None:
+    if not torch.is_floating_point(x):
+        raise TypeError(f"activation quantisers take a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"activation quantisers need a non-empty last dimension, got shape {tuple(x.shape)}")
+
+
+def quantize_act_int8(x: torch.Tensor) -> Quantized:
+    """INT8 absmax per token: codes in [-128, 127], scale γ/127 with γ = max|X| (shape (..., 1))."""
+    _check_activation(x)
+    xf = x.float()
+    gamma = xf.abs().amax(dim=-1, keepdim=True).clamp(min=QUANT_EPS)
+    inv_scale = INT8_QMAX / gamma
+    codes = (xf * inv_scale).round().clamp(INT8_QMIN, INT8_QMAX)
+    return Quantized(codes.to(torch.int8), 1.0 / inv_scale)
+
+
+def quantize_act_int4(x: torch.Tensor) -> Quantized:
+    """INT4 absmean per token: codes in [-8, 7], scale β/√7 with β = mean|X| (shape (..., 1))."""
+    _check_activation(x)
+    xf = x.float()
+    beta = xf.abs().mean(dim=-1, keepdim=True).clamp(min=QUANT_EPS)
+    inv_scale = INT4_ABSMEAN_FACTOR / beta
+    codes = (xf * inv_scale).round().clamp(INT4_QMIN, INT4_QMAX)
+    return Quantized(codes.to(torch.int8), 1.0 / inv_scale)
+
+
+def quantize_act_fp4(x: torch.Tensor) -> Quantized:
+    """FP4 E2M1 MinMax per token (section 2.3); codes are 2·E2M1 values, scale = max|X| / 12.
+
+    With y = X · 12 / max|X| (so max|X| maps to 12 = 2·6), each entry is rounded with the step of its binade,
+    ``2^(max(⌊log2|y|⌋, 1) - 1)`` (one mantissa bit, the subnormal binade clamped at exponent 1), which is the
+    paper's ``γ/2^(M+b) · Round(2^(M+b)/γ · X)`` with ``γ = 2^max(⌊log2|X| + b⌋, 1)`` and M = 1.
+    """
+    _check_activation(x)
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp(min=QUANT_EPS)
+    inv_scale = FP4_CODE_MAX / amax
+    y = xf * inv_scale
+    exponent = torch.floor(torch.log2(y.abs())).clamp(min=1.0)  # log2(0) = -inf -> clamped to 1
+    step = torch.exp2(exponent - 1.0)
+    codes = ((y / step).round() * step).clamp(-FP4_CODE_MAX, FP4_CODE_MAX)
+    return Quantized(codes.to(torch.int8), 1.0 / inv_scale)
+
+
+def topk_count(dim: int, ratio: float) -> int:
+    """Number of entries TopK keeps per token: ``k = ⌈ratio · d⌉`` (at least 1)."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"topk ratio must lie in (0, 1], got {ratio}")
+    return max(1, min(dim, math.ceil(ratio * dim - 1e-9)))
+
+
+def topk_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask of the k = ⌈ratio · d⌉ largest |X| of each token (exactly k, ties broken by topk)."""
+    _check_activation(x)
+    k = topk_count(x.shape[-1], ratio)
+    if k == x.shape[-1]:
+        return torch.ones_like(x, dtype=torch.bool)
+    index = x.float().abs().topk(k, dim=-1, sorted=False).indices
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, index, True)
+
+
+def sparsify_topk(x: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``S_k(X) = X ⊙ M`` with the TopK mask; the straight-through gradient reaches every entry (Q-Sparse)."""
+    return ste(x, x * topk_mask(x, ratio))
+
+
+def quantize_act_topk_int8(x: torch.Tensor, ratio: float) -> Quantized:
+    """TopK sparsification followed by INT8 absmax of the kept values (the o_proj input of a4.8)."""
+    return quantize_act_int8(x * topk_mask(x, ratio))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Choice by role and mode
+# ---------------------------------------------------------------------------------------------------------
+
+
+def act_quantizer_name(role: str, quant_mode: str, act4_format: str = "int4") -> str:
+    """Name of the input quantiser of a projection: "none", "int8", "int4", "fp4" or "topk_int8".
+
+    a4.8 (stage 2): q/k/v and gate/up take 4-bit inputs, o_proj TopK + INT8, down_proj INT8.
+    a8 (stage 1, = b1.58 with ReLU²GLU): INT8 everywhere. none: full precision.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if quant_mode not in QUANT_MODES:
+        raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {quant_mode!r}")
+    if act4_format not in ACT4_FORMATS:
+        raise ValueError(f"act4_format must be one of {ACT4_FORMATS}, got {act4_format!r}")
+    if quant_mode == "none":
+        return "none"
+    if quant_mode == "a8":
+        return "int8"
+    if role in ("qkv", "gate_up"):
+        return act4_format
+    if role == "o":
+        return "topk_int8"
+    return "int8"
+
+
+def quantize_act(x: torch.Tensor, name: str, topk_ratio: float = 0.5) -> Quantized:
+    """Apply the activation quantiser called ``name`` (see :func:`act_quantizer_name`)."""
+    if name == "int8":
+        return quantize_act_int8(x)
+    if name == "int4":
+        return quantize_act_int4(x)
+    if name == "fp4":
+        return quantize_act_fp4(x)
+    if name == "topk_int8":
+        return quantize_act_topk_int8(x, topk_ratio)
+    raise ValueError(f"unknown activation quantiser {name!r}; expected int8, int4, fp4 or topk_int8")
+
+
+def fake_quantize_act(x: torch.Tensor, name: str, topk_ratio: float = 0.5) -> torch.Tensor:
+    """Dequantised activation in ``x.dtype`` with the straight-through gradient; ``name="none"`` is identity."""
+    if name == "none":
+        return x
+    codes, scale = quantize_act(x, name, topk_ratio)
+    return ste(x, dequantize(codes, scale))
