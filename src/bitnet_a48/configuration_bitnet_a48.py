@@ -146,6 +146,10 @@ class BitNetA48Config(PretrainedConfig):
         self.act4_format = act4_format
         self.kv_cache_bits = kv_cache_bits
         self.weight_format = weight_format
+        if self.head_dim is None and isinstance(num_attention_heads, int) and num_attention_heads > 0:
+            if isinstance(hidden_size, int) and hidden_size % num_attention_heads == 0:
+                self.head_dim = hidden_size // num_attention_heads
+        self._check_fields()  # before transformers' own checks, so errors name our fields
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -153,12 +157,8 @@ class BitNetA48Config(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        if self.head_dim is None and isinstance(num_attention_heads, int) and num_attention_heads > 0:
-            if isinstance(hidden_size, int) and hidden_size % num_attention_heads == 0:
-                self.head_dim = hidden_size // num_attention_heads
-        self.validate()
 
-    def validate(self) -> None:
+    def _check_fields(self) -> None:
         """Raise `ValueError` naming the first invalid field and the values it accepts."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "max_position_embeddings"):

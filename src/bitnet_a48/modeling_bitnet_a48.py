@@ -1,0 +1,468 @@
+"""BitNet a4.8 as a transformers causal language model.
+
+The block layout is BitNet b1.58's (LLaMA-like with SubLN, no biases; spec section 1)::
+
+    h = x + o_proj(attn_sub_norm(Attention(RoPE(q_proj(n)), RoPE(k_proj(n)), v_proj(n)))),   n = input_layernorm(x)
+    y = h + down_proj(ffn_sub_norm(ReLU²(gate_proj(m)) * up_proj(m))),                     m = post_attention_layernorm(h)
+
+Every projection is a ``BitLinear`` whose input quantiser depends on its role and on ``config.quant_mode``
+(a4.8: 4-bit q/k/v and gate/up inputs, TopK-sparse INT8 o_proj input, INT8 down_proj input; section 2 of the
+paper). Module and state-dict names equal transformers' ``BitNetForCausalLM``, so b1.58 checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .bitlinear import BitLinear
+from .configuration_bitnet_a48 import BitNetA48Config
+
+PROJECTION_ROLES: dict[str, str] = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "o_proj": "o",
+    "gate_proj": "gate_up",
+    "up_proj": "gate_up",
+    "down_proj": "down",
+}
+
+
+def make_projection(config: BitNetA48Config, in_features: int, out_features: int, role: str) -> nn.Module:
+    """The projection module for ``config.weight_format``: a latent ``BitLinear`` or a packed ternary layer."""
+    kwargs = dict(role=role, quant_mode=config.quant_mode, topk_ratio=config.topk_ratio,
+                  act4_format=config.act4_format)
+    if config.weight_format == "packed":
+        from .packed_bitlinear import PackedBitLinear
+
+        return PackedBitLinear(in_features, out_features, **kwargs)
+    return BitLinear(in_features, out_features, bias=False, **kwargs)
+
+
+class BitNetA48RMSNorm(nn.Module):
+    """RMSNorm computed in fp32: ``w · x / sqrt(mean(x²) + eps)``."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class ReLUSquared(nn.Module):
+    """ReLU²(x) = max(x, 0)², the gate activation of ReLU²GLU (a module of its own so hooks see the gate output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "relu2":
+        return ReLUSquared()
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"hidden_act must be 'relu2' or 'silu', got {name!r}")
+
+
+class BitNetA48MLP(nn.Module):
+    """ReLU²GLU with SubLN: ``down(ffn_sub_norm(ReLU²(gate(x)) * up(x)))``."""
+
+    def __init__(self, config: BitNetA48Config) -> None:
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = make_projection(config, h, f, "gate_up")
+        self.up_proj = make_projection(config, h, f, "gate_up")
+        self.down_proj = make_projection(config, f, h, "down")
+        self.act_fn = make_activation(config.hidden_act)
+        self.ffn_sub_norm = BitNetA48RMSNorm(f, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ffn_sub_norm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE, rotate-half convention. q, k: (B, H, T, D); cos, sin: (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * n_rep, T, D) for grouped-query attention."""
+    if n_rep == 1:
+        return hidden_states
+    b, h, t, d = hidden_states.shape
+    return hidden_states[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q kᵀ · scaling + mask) v. query: (B, H, T, D); key/value: (B, H_kv, S, D); returns (B, T, H, D)."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key.shape[-2]]
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class BitNetA48Attention(nn.Module):
+    """Grouped-query attention with RoPE and SubLN before o_proj."""
+
+    def __init__(self, config: BitNetA48Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_dim = config.num_attention_heads * self.head_dim
+        kv_dim = config.num_key_value_heads * self.head_dim
+        self.q_proj = make_projection(config, config.hidden_size, q_dim, "qkv")
+        self.k_proj = make_projection(config, config.hidden_size, kv_dim, "qkv")
+        self.v_proj = make_projection(config, config.hidden_size, kv_dim, "qkv")
+        self.o_proj = make_projection(config, q_dim, config.hidden_size, "o")
+        self.attn_sub_norm = BitNetA48RMSNorm(q_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H_kv, T, D)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation not in (None, "eager"):
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(self.attn_sub_norm(attn_output))  # SubLN before o_proj, as b1.58
+        return attn_output, attn_weights
+
+
+class BitNetA48DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: BitNetA48Config, layer_idx: int) -> None:
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = BitNetA48Attention(config=config, layer_idx=layer_idx)
+        self.mlp = BitNetA48MLP(config)
+        self.input_layernorm = BitNetA48RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = BitNetA48RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        residual = hidden_states
+        hidden_states, attn_weights = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, attn_weights
+
+
+class BitNetA48RotaryEmbedding(nn.Module):
+    """cos/sin tables of RoPE for the positions asked (transformers' rope types through ROPE_INIT_FUNCTIONS)."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: BitNetA48Config) -> None:
+        super().__init__()
+        self.config = config
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type == "default":
+            inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(
+        config: BitNetA48Config, device: torch.device | None = None, seq_len: int | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """inv_freq[i] = theta^(-2i/D) for i < D/2."""
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+class BitNetA48PreTrainedModel(PreTrainedModel):
+    config_class = BitNetA48Config
+    config: BitNetA48Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BitNetA48DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+
+class BitNetA48Model(BitNetA48PreTrainedModel):
+    def __init__(self, config: BitNetA48Config) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [BitNetA48DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = BitNetA48RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = BitNetA48RotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        kwargs.pop("return_dict", None)
+        kwargs.pop("cache_position", None)  # positions come from position_ids and the cache length
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden_states: tuple[torch.Tensor, ...] | None = () if output_hidden_states else None
+        all_attentions: tuple[torch.Tensor, ...] | None = () if output_attentions else None
+        for decoder_layer in self.layers:
+            if all_hidden_states is not None:
+                all_hidden_states += (hidden_states,)
+            hidden_states, attn_weights = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values if use_cache else None,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            if all_attentions is not None:
+                all_attentions += (attn_weights,)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_rep"}
+
+    def __init__(self, config: BitNetA48Config) -> None:
+        super().__init__(config)
+        self.model = BitNetA48Model(config)
+        self.vocab_size = config.vocab_size
+        # The embeddings and lm_head stay in high precision (not quantised), as in b1.58 and a4.8.
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Causal LM forward; `labels` (B, T) give the shifted next-token loss through `self.loss_function`."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    # -----------------------------------------------------------------------------------------------------
+    # Quantisation controls
+    # -----------------------------------------------------------------------------------------------------
+
+    def set_quant_mode(
+        self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None
+    ) -> BitNetA48ForCausalLM:
+        """Switch every projection to "a4.8", "a8" or "none" (and optionally the TopK ratio and 4-bit format).
+
+        The config is updated too, so `save_pretrained` records the mode. The two-stage recipe calls
+        `set_quant_mode("a8")` for stage 1 and `set_quant_mode("a4.8")` for stage 2 on the same model.
+        """
+        new_config = self.config.to_dict()
+        new_config["quant_mode"] = quant_mode
+        if topk_ratio is not None:
+            new_config["topk_ratio"] = topk_ratio
+        if act4_format is not None:
+            new_config["act4_format"] = act4_format
+        BitNetA48Config(**{k: v for k, v in new_config.items() if k != "model_type"})  # validates all fields
+        for module in self.modules():
+            if hasattr(module, "set_quant_mode") and module is not self:
+                module.set_quant_mode(quant_mode, topk_ratio=topk_ratio, act4_format=act4_format)
+        self.config.quant_mode = quant_mode
+        if topk_ratio is not None:
+            self.config.topk_ratio = float(topk_ratio)
+        if act4_format is not None:
+            self.config.act4_format = act4_format
+        return self
+
+    def projections(self) -> dict[str, nn.Module]:
+        """Every quantised projection by its qualified name (q/k/v/o/gate/up/down of every layer)."""
+        return {
+            name: module
+            for name, module in self.named_modules()
+            if name.rsplit(".", 1)[-1] in PROJECTION_ROLES
+        }
