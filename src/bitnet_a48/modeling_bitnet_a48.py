@@ -27,6 +27,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .bitlinear import BitLinear
+from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
 from .configuration_bitnet_a48 import BitNetA48Config
 
 PROJECTION_ROLES: dict[str, str] = {
@@ -181,6 +182,14 @@ class BitNetA48Attention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if isinstance(past_key_values, BitNetA48QuantizedCache):
+            # Packed low-bit KV (paper section 2.4): blockwise attention over the packed past, no dequantised copy
+            attn_output = past_key_values.attend(
+                query_states, key_states, value_states, self.layer_idx, attention_mask, self.scaling,
+                position_ids=kwargs.get("position_ids"),
+            )  # (B, T, H, D)
+            attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+            return self.o_proj(self.attn_sub_norm(attn_output)), None
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
@@ -429,6 +438,53 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
+
+    def _prepare_cache_for_generation(
+        self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any
+    ) -> Any:
+        """generate() builds the quantised KV cache (cache_bitnet_a48.py) by default when `config.kv_cache_bits` is set.
+
+        Private transformers API (5.17 to 5.23), pinned by tests/test_cache.py. A cache passed by the user, a
+        `cache_implementation` or `use_cache=False` keep transformers' behaviour.
+        """
+        if (
+            getattr(self.config, "kv_cache_bits", None) is not None
+            and model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None
+        ):
+            batch_size = args[1] if len(args) > 1 else kwargs.get("batch_size", 1)
+            max_cache_len = args[2] if len(args) > 2 else kwargs.get("max_cache_length")
+            model_kwargs["past_key_values"] = make_generation_cache(
+                self.config, batch_size, max_cache_len, self.device, self.dtype
+            )
+            return None
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `from_pretrained`, made strict: a missing or mis-shaped tensor is an error naming it.
+
+        transformers only warns about missing weights and initialises them at random; a quantised model that loads
+        half-random gives plausible-looking garbage, so here it is refused.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        # Let transformers collect the mismatched shapes (instead of failing with a generic message) and refuse below.
+        kwargs["ignore_mismatched_sizes"] = True
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = [f"missing tensor {key!r}" for key in sorted(info.get("missing_keys", ()))]
+        for entry in info.get("mismatched_keys", ()):
+            if isinstance(entry, (tuple, list)) and len(entry) == 3:
+                key, found, expected = entry
+                problems.append(f"tensor {key!r} has shape {tuple(found)} where the model needs {tuple(expected)}")
+            else:
+                problems.append(f"tensor {entry!r} has a mismatched shape")
+        if problems:
+            raise ValueError(
+                f"{cls.__name__}: the checkpoint does not fit the model ({'; '.join(problems)}). "
+                "Convert b1.58 or LLaMA checkpoints with `bitnet-a48 convert`."
+            )
+        return (model, info) if want_info else model
 
     # -----------------------------------------------------------------------------------------------------
     # Quantisation controls

@@ -74,7 +74,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Identity straight-through estimator: the value of ``q``, the gradient of ``x``."""
+    """Identity straight-through estimator: the value of ``q``, the gradient of ``x``.
+
+    Without a gradient to carry, ``q`` itself is returned: ``x + (q - x)`` differs from ``q`` by float rounding,
+    which the next quantiser (a rounding or a TopK choice) could turn into a different code.
+    """
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return q.to(x.dtype)
     return x + (q.to(x.dtype) - x).detach()
 
 
