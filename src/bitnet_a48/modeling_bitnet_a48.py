@@ -515,6 +515,24 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
             self.config.act4_format = act4_format
         return self
 
+    def pack(self) -> BitNetA48ForCausalLM:
+        """Replace every latent `BitLinear` by a `PackedBitLinear` (2-bit ternary codes + per-tensor scale), in place.
+
+        The packed model is for inference: it keeps the current `quant_mode` ("a4.8" or "a8") and `save_pretrained`
+        writes the packed tensors, which `from_pretrained` loads back into packed modules (`weight_format="packed"`).
+        """
+        from .packed_bitlinear import PackedBitLinear
+
+        if self.config.weight_format == "packed":
+            raise ValueError("the model is already packed (config.weight_format == 'packed')")
+        if self.config.quant_mode == "none":
+            raise ValueError("packing needs a quantised mode ('a4.8' or 'a8'); quant_mode is 'none'")
+        for name, module in list(self.projections().items()):
+            parent_name, child_name = name.rsplit(".", 1)
+            setattr(self.get_submodule(parent_name), child_name, PackedBitLinear.from_bitlinear(module))
+        self.config.weight_format = "packed"
+        return self
+
     def projections(self) -> dict[str, nn.Module]:
         """Every quantised projection by its qualified name (q/k/v/o/gate/up/down of every layer)."""
         return {
