@@ -2,8 +2,8 @@
 
 The block layout is BitNet b1.58's (LLaMA-like with SubLN, no biases; spec section 1)::
 
-    h = x + o_proj(attn_sub_norm(Attention(RoPE(q_proj(n)), RoPE(k_proj(n)), v_proj(n)))),   n = input_layernorm(x)
-    y = h + down_proj(ffn_sub_norm(ReLU²(gate_proj(m)) * up_proj(m))),                     m = post_attention_layernorm(h)
+    h = x + o_proj(attn_sub_norm(Attention(RoPE(q_proj(n)), RoPE(k_proj(n)), v_proj(n)))),  n = input_layernorm(x)
+    y = h + down_proj(ffn_sub_norm(ReLU²(gate_proj(m)) * up_proj(m))),          m = post_attention_layernorm(h)
 
 Every projection is a ``BitLinear`` whose input quantiser depends on its role and on ``config.quant_mode``
 (a4.8: 4-bit q/k/v and gate/up inputs, TopK-sparse INT8 o_proj input, INT8 down_proj input; section 2 of the
@@ -268,7 +268,8 @@ class BitNetA48RotaryEmbedding(nn.Module):
         """inv_freq[i] = theta^(-2i/D) for i < D/2."""
         base = config.rope_parameters["rope_theta"]
         dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        inv_freq = 1.0 / (base**exponents)
         return inv_freq, 1.0
 
     @torch.no_grad()
