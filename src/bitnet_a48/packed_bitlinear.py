@@ -1,0 +1,365 @@
+"""PackedBitLinear: the inference form of a BitLinear, holding 2-bit packed ternary weights.
+
+The latent weights are gone: the layer keeps ``weight`` (uint8 ``[ceil(out/4), in]``, ``packing.py`` layout, the
+layout of transformers' ``bitnet`` checkpoints) and ``weight_scale`` (fp32 ``[1]``, α = mean|W| that multiplies the
+output, as transformers' ``autobitlinear``). The forward is integer arithmetic::
+
+    (x_codes, x_scale) = Q_act(x)                            per token, by role and quant_mode (bitlinear.py)
+    y = (x_codes @ w_codes^T) · (x_scale · α)                int32 accumulation, fp32 epilogue, y in x.dtype
+
+which is the latent BitLinear's ``F.linear(Q_act(x), Q_w(W))`` with the scales pulled out of the sum: in fp32 the
+two agree to rounding (tests: relative error below 1e-5 of the output's norm; the bf16 BitLinear rounds its
+dequantised operands to bf16 and is looser). FP4 codes are int8 (2·E2M1) and take the same integer path.
+
+Implementations (``impl``, chosen explicitly; an exception is never swallowed to fall back):
+
+- ``"torch"`` on CPU: ``torch._int_mm`` (int8 × int8 → int32; on this torch version any M, K, N on CPU). With
+  ``cpu_layout="packed"`` (default) the weights stay at 2 bits and are unpacked per call, a chunk of packed rows at
+  a time, by one broadcasted shift over the four bit planes; the fields ``w + 1`` go to ``_int_mm`` unchanged and
+  the ``-1`` becomes one row sum of the activation codes. With ``cpu_layout="int8"`` an int8 copy of the codes
+  (4× the packed bytes, kept beside them) is cached and the call is a bare ``_int_mm`` (see BENCHMARKS.md for
+  speed and memory of both).
+- ``"torch"`` on other devices: ``_int_mm`` where CUDA's constraints hold, else an fp32 matmul of the integer codes
+  (exact while K·128·2 < 2^24).
+- ``"triton"``: ``kernels_act_quant`` for the input quantiser (FP4 stays in torch), ``kernels_ternary_matmul`` on
+  the packed weights (decode kernel for M ≤ 16).
+- ``"auto"``: Triton on CUDA tensors when Triton is importable, else torch.
+
+The class is deliberately not an ``nn.Linear`` subclass: transformers' ``_init_weights`` draws normal weights
+into every ``nn.Linear`` it initialises. The constructor fills the weights with zeros (packed code 1) and α = 1;
+real values come from :meth:`PackedBitLinear.from_bitlinear` or ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bitlinear import BitLinear
+from .packing import (
+    PACKED_ZERO_BYTE,
+    VALUES_PER_BYTE,
+    pack_ternary,
+    packed_rows,
+    unpack_planes,
+    unpack_ternary,
+    validate_packed,
+)
+from .quantization import (
+    ACT4_FORMATS,
+    QUANT_MODES,
+    ROLES,
+    Quantized,
+    act_quantizer_name,
+    quantize_act,
+    quantize_weight_ternary,
+    topk_count,
+)
+
+IMPLS = ("auto", "torch", "triton")
+CPU_LAYOUTS = ("packed", "int8")
+_TRITON_ACT_QUANTIZERS = ("int8", "int4", "topk_int8")
+
+
+def _triton_available() -> bool:
+    from . import kernels_ternary_matmul
+
+    return kernels_ternary_matmul.HAS_TRITON
+
+
+def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b^T`` in int32 for int8 ``a [M, K]`` and int8 ``b [N, K]``, exact."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b.t())  # CPU: any shape; b passed transposed (the fastest layout measured)
+    m, k = a.shape
+    n = b.shape[0]
+    if a.device.type == "cuda" and k % 8 == 0 and n % 8 == 0:
+        # CUDA _int_mm needs M > 16 and K, N multiples of 8: pad M with zero rows.
+        pad = max(0, 17 - m)
+        a_pad = torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a
+        return torch._int_mm(a_pad, b.t())[:m]
+    if k * 256 >= 2**24:
+        raise ValueError(f"the fp32 fallback of the integer matmul is exact only for K < 65536, got K = {k}")
+    return (a.float() @ b.float().t()).round().to(torch.int32)
+
+
+def ternary_matmul_torch(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    packed: torch.Tensor,
+    out_features: int,
+    out_dtype: torch.dtype = torch.float32,
+    weight_int8: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Torch reference of ``kernels_ternary_matmul``: ``y = (codes @ w^T) · scale``, int32 accumulation.
+
+    Args:
+        codes: int8 ``[M, K]`` activation codes.
+        scale: fp32 ``[M, 1]`` (or ``[M]``): ``x_scale · α``.
+        packed: uint8 ``[ceil(N/4), K]`` ternary weights.
+        out_features: N.
+        out_dtype: dtype of ``y``.
+        weight_int8: optional cached int8 codes ``[N, K]`` of the same weights (``cpu_layout="int8"``).
+    """
+    m = codes.shape[0]
+    if weight_int8 is not None:
+        acc = _int8_matmul(codes, weight_int8)  # (M, N)
+    else:
+        acc = _packed_int8_matmul(codes, packed, out_features)
+    return (acc.float() * scale.reshape(m, 1)).to(out_dtype)
+
+
+# Unpack this many bytes of int8 fields at a time: the chunk stays in cache between unpacking and _int_mm, and the
+# transient memory is bounded (one CPU thread, 6912x2560, M = 1: 1.5-2 ms with 1-2 MiB chunks, 2.6 ms unchunked).
+UNPACK_CHUNK_BYTES = 1 << 21
+
+
+def _packed_int8_matmul(codes: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """``codes @ w^T`` in int32 from the packed weights, unpacked a chunk of packed rows at a time."""
+    m, k = codes.shape
+    rows = packed.shape[0]
+    step = max(1, UNPACK_CHUNK_BYTES // (VALUES_PER_BYTE * k))
+    acc = torch.empty((m, VALUES_PER_BYTE, rows), dtype=torch.int32, device=codes.device)  # (M, plane i, row r)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        # Fields f = w + 1 of the four planes of rows r0..r1, (4·n, K) read as int8 (values 0..2).
+        fields = unpack_planes(packed[r0:r1]).view(torch.int8)
+        acc[:, :, r0:r1] = _int8_matmul(codes, fields).view(m, VALUES_PER_BYTE, r1 - r0)
+    # Output n = i·R + r; Σ a·w = Σ a·f − Σ a.
+    flat = acc.view(m, VALUES_PER_BYTE * rows)[:, :out_features]
+    return flat - codes.sum(dim=-1, keepdim=True, dtype=torch.int32)
+
+
+class PackedBitLinear(nn.Module):
+    """Ternary linear layer for inference: 2-bit packed weights, quantised inputs, integer matmul.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        role: which input quantiser the layer takes in a4.8: "qkv", "o", "gate_up" or "down".
+        quant_mode: "a4.8" or "a8" ("none" needs the latent weights and is refused).
+        topk_ratio: share of input entries kept by TopK for role "o" in a4.8.
+        act4_format: "int4" or "fp4" for the 4-bit inputs in a4.8.
+        device: device of the buffers.
+        dtype: accepted for the signature of ``nn.Linear``-like constructors and ignored: the weights are uint8,
+            ``weight_scale`` is fp32 and the output takes the input's dtype.
+        impl: "auto", "torch" or "triton" (module docstring).
+        cpu_layout: "packed" (2-bit weights only) or "int8" (also cache int8 codes for the CPU ``_int_mm`` path).
+    """
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_int8: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        role: str,
+        quant_mode: str = "a4.8",
+        topk_ratio: float = 0.5,
+        act4_format: str = "int4",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        impl: str = "auto",
+        cpu_layout: str = "packed",
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.role = role
+        self.register_buffer(
+            "weight",
+            torch.full((packed_rows(out_features), in_features), PACKED_ZERO_BYTE, dtype=torch.uint8, device=device),
+        )
+        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("weight_int8", None, persistent=False)
+        self._int8_source: tuple[int, int] | None = None  # (data_ptr, version) of the weight the cache came from
+        # Checkpoints may store the scale 0-dim (transformers writes shape [1]): accept both.
+        self.register_load_state_dict_pre_hook(_reshape_weight_scale)
+        self.set_impl(impl)
+        self.set_cpu_layout(cpu_layout)
+        self.set_quant_mode(quant_mode, topk_ratio=topk_ratio, act4_format=act4_format)
+
+    # -- configuration -------------------------------------------------------------------------------------
+
+    def set_quant_mode(
+        self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None
+    ) -> None:
+        """Switch the input quantisers ("a4.8" or "a8"); same semantics as ``BitLinear.set_quant_mode``."""
+        if quant_mode not in QUANT_MODES:
+            raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {quant_mode!r}")
+        if quant_mode == "none":
+            raise ValueError(
+                "quant_mode='none' (full precision) is impossible on a PackedBitLinear: its full-precision weights "
+                "were replaced by ternary codes when it was packed; use the latent BitLinear model instead"
+            )
+        topk_ratio = getattr(self, "topk_ratio", 0.5) if topk_ratio is None else topk_ratio
+        act4_format = getattr(self, "act4_format", "int4") if act4_format is None else act4_format
+        if act4_format not in ACT4_FORMATS:
+            raise ValueError(f"act4_format must be one of {ACT4_FORMATS}, got {act4_format!r}")
+        topk_count(self.in_features, topk_ratio)  # validates the ratio
+        self.quant_mode = quant_mode
+        self.topk_ratio = float(topk_ratio)
+        self.act4_format = act4_format
+        self.act_quantizer = act_quantizer_name(self.role, quant_mode, act4_format)
+
+    def set_impl(self, impl: str) -> None:
+        """Choose "auto", "torch" or "triton"; "triton" raises here when Triton is not importable."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl == "triton" and not _triton_available():
+            raise RuntimeError("impl='triton' needs the `triton` package (pip install 'bitnet-a48[triton]')")
+        self.impl = impl
+
+    def set_cpu_layout(self, cpu_layout: str) -> None:
+        """"packed": unpack the 2-bit weights per CPU call; "int8": also keep an int8 copy for ``_int_mm``."""
+        if cpu_layout not in CPU_LAYOUTS:
+            raise ValueError(f"cpu_layout must be one of {CPU_LAYOUTS}, got {cpu_layout!r}")
+        self.cpu_layout = cpu_layout
+        if cpu_layout == "packed":
+            self.weight_int8 = None
+            self._int8_source = None
+        elif self.weight.device.type != "meta":
+            self.unpack_cache_()
+
+    def unpack_cache_(self) -> PackedBitLinear:
+        """Build the int8 copy of the weight codes (``[out, in]``, 4× the packed bytes) used on CPU."""
+        self.cpu_layout = "int8"
+        self.weight_int8 = unpack_ternary(self.weight, self.out_features).contiguous()
+        self._int8_source = self._weight_key()
+        return self
+
+    def _weight_key(self) -> tuple[int, int]:
+        # Changes when the packed weights are written in place (version) or replaced (pointer), e.g. by loading.
+        return (self.weight.data_ptr(), self.weight._version)
+
+    # -- construction from a latent layer ----------------------------------------------------------------
+
+    @classmethod
+    def from_bitlinear(
+        cls,
+        layer: BitLinear,
+        *,
+        quant_mode: str | None = None,
+        impl: str = "auto",
+        cpu_layout: str = "packed",
+    ) -> PackedBitLinear:
+        """Quantise ``layer``'s latent weights to ternary codes and α = mean|W| and pack them.
+
+        The role, quant_mode (unless given), topk_ratio and act4_format are copied. A layer in quant_mode "none"
+        needs ``quant_mode=`` ("a4.8" or "a8") since a packed layer cannot run in full precision.
+        """
+        if not isinstance(layer, BitLinear):
+            raise TypeError(f"from_bitlinear takes a BitLinear, got {type(layer).__name__}")
+        if layer.bias is not None:
+            raise ValueError("PackedBitLinear has no bias (BitNet uses none); got a BitLinear with a bias")
+        mode = layer.quant_mode if quant_mode is None else quant_mode
+        if mode == "none":
+            raise ValueError(
+                f"the BitLinear is in quant_mode 'none'; pass quant_mode='a4.8' or 'a8' to pack it (got {mode!r})"
+            )
+        with torch.no_grad():
+            codes, alpha = quantize_weight_ternary(layer.weight.detach())
+            packed = pack_ternary(codes)
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            role=layer.role,
+            quant_mode=mode,
+            topk_ratio=layer.topk_ratio,
+            act4_format=layer.act4_format,
+            device=layer.weight.device,
+            impl=impl,
+        )
+        new.weight.copy_(packed)
+        new.weight_scale.copy_(alpha.reshape(1))
+        new.set_cpu_layout(cpu_layout)
+        return new
+
+    # -- forward ---------------------------------------------------------------------------------------------
+
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if self.impl == "auto":
+            return x.is_cuda and _triton_available()
+        return self.impl == "triton"
+
+    def _quantize_input(self, x: torch.Tensor, use_triton: bool) -> Quantized:
+        if use_triton and self.act_quantizer in _TRITON_ACT_QUANTIZERS:
+            from .kernels_act_quant import quantize_act_triton
+
+            return quantize_act_triton(x, self.act_quantizer, self.topk_ratio)
+        return quantize_act(x, self.act_quantizer, self.topk_ratio)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.shape[-1] != self.in_features:
+            raise ValueError(
+                f"PackedBitLinear expected inputs with last dimension {self.in_features}, got shape "
+                f"{tuple(input.shape)}"
+            )
+        if not torch.is_floating_point(input):
+            raise TypeError(f"PackedBitLinear takes floating-point inputs, got {input.dtype}")
+        lead = input.shape[:-1]
+        x = input.reshape(-1, self.in_features)
+        use_triton = self._use_triton(input)
+        codes, x_scale = self._quantize_input(x, use_triton)  # int8 (M, K), fp32 (M, 1)
+        scale = x_scale * self.weight_scale.float()  # (M, 1): x_scale · α
+        if use_triton:
+            from .kernels_ternary_matmul import ternary_matmul_triton
+
+            y = ternary_matmul_triton(codes, scale, self.weight, self.out_features, input.dtype)
+        else:
+            weight_int8 = None
+            if self.cpu_layout == "int8" and input.device.type == "cpu":
+                if self.weight_int8 is None or self._int8_source != self._weight_key():
+                    self.unpack_cache_()
+                weight_int8 = self.weight_int8
+            y = ternary_matmul_torch(codes, scale, self.weight, self.out_features, input.dtype, weight_int8)
+        return y.reshape(*lead, self.out_features)
+
+    # -- utilities -------------------------------------------------------------------------------------------
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedBitLinear:
+        # ``model.to(torch.bfloat16)`` casts every floating buffer; α stays fp32 (only its device follows).
+        # nn.Module._apply is private API, pinned by test_weight_scale_stays_fp32_under_model_casts.
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
+        return self
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the packed weights hold the invalid code 3 or ``weight_scale`` is not finite."""
+        validate_packed(self.weight, self.out_features, "weight")
+        if self.weight_scale.numel() != 1 or not bool(torch.isfinite(self.weight_scale).all()):
+            raise ValueError(f"weight_scale must be one finite value, got {self.weight_scale}")
+
+    def unpacked_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantised weight ``w_codes · α`` as a dense ``[out, in]`` tensor (for checks and export)."""
+        return unpack_ternary(self.weight, self.out_features).to(dtype) * self.weight_scale.to(dtype)
+
+    def weight_nbytes(self) -> dict[str, int]:
+        """Bytes held by the packed weights, the scale and the optional int8 cache."""
+        cache = 0 if self.weight_int8 is None else self.weight_int8.numel() * self.weight_int8.element_size()
+        return {"packed": self.weight.numel(), "scale": 4 * self.weight_scale.numel(), "int8_cache": cache}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, role={self.role}, "
+            f"quant_mode={self.quant_mode}, input={self.act_quantizer}, impl={self.impl}, "
+            f"cpu_layout={self.cpu_layout}"
+        )
+
+
+def _reshape_weight_scale(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    key = prefix + "weight_scale"
+    scale = state_dict.get(key)
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0:
+        state_dict[key] = scale.reshape(1)
