@@ -294,3 +294,34 @@ def test_projections_are_bitlinear(model: BitNetA48ForCausalLM) -> None:
     projections = model.projections()
     assert len(projections) == 2 * 7 and all(isinstance(m, BitLinear) for m in projections.values())
     assert not isinstance(model.lm_head, BitLinear)
+
+
+def test_pack_save_load_round_trip(tiny_config_kwargs: dict, tmp_path) -> None:
+    model = create_model(**tiny_config_kwargs, quant_mode="a8").eval()
+    ids = torch.randint(3, 101, (2, 9))
+    with torch.no_grad():
+        latent = model(ids).logits
+        model.pack()
+        packed = model(ids).logits
+    # Same b1.58 arithmetic with an integer matmul: equal up to float rounding.
+    assert torch.allclose(packed, latent, atol=1e-5), (packed - latent).abs().max()
+    assert all(type(m).__name__ == "PackedBitLinear" for m in model.projections().values())
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["weight_format"] == "packed"
+    weights = load_file(tmp_path / "model.safetensors")
+    assert weights["model.layers.0.mlp.up_proj.weight"].dtype == torch.uint8
+    assert weights["model.layers.0.mlp.up_proj.weight"].shape == (160 // 4, 64)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, packed)
+    with pytest.raises(ValueError, match="already packed"):
+        loaded.pack()
+
+
+def test_corrupted_packed_checkpoint_is_refused(tiny_config_kwargs: dict, tmp_path) -> None:
+    create_model(**tiny_config_kwargs).pack().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.1.mlp.gate_proj.weight"][3, 5] = 0b11  # code 3 is not a ternary value
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="gate_proj.*code 3"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -485,7 +485,25 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
                 f"{cls.__name__}: the checkpoint does not fit the model ({'; '.join(problems)}). "
                 "Convert b1.58 or LLaMA checkpoints with `bitnet-a48 convert`."
             )
+        for name, module in model.projections().items():
+            if hasattr(module, "validate"):  # packed layers: no invalid 2-bit code 3, a finite scale
+                try:
+                    module.validate()
+                except ValueError as error:
+                    raise ValueError(f"{cls.__name__}: corrupted checkpoint tensor {name}.{error}") from None
         return (model, info) if want_info else model
+
+    def push_to_hub(self, repo_id: str, *, metrics: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Upload what `save_pretrained` writes, with this project's model card as the repository's README.md.
+
+        transformers' own `push_to_hub` writes its generic card over README.md after saving; this one saves, fills
+        `model_card.md` from the config (and `metrics`, e.g. validation perplexity) and uploads in one commit.
+        Keyword arguments: `tokenizer`, `private`, `token`, `revision`, `create_pr`, `commit_message`, and card
+        fields (`recipe`, `data`, `model_name`); see `hub.push_to_hub_with_card`.
+        """
+        from .hub import push_to_hub_with_card
+
+        return push_to_hub_with_card(self, repo_id, metrics, **kwargs)
 
     # -----------------------------------------------------------------------------------------------------
     # Quantisation controls

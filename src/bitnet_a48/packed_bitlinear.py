@@ -306,6 +306,9 @@ class PackedBitLinear(nn.Module):
             )
         if not torch.is_floating_point(input):
             raise TypeError(f"PackedBitLinear takes floating-point inputs, got {input.dtype}")
+        if torch.is_grad_enabled() and input.requires_grad:
+            # The frozen packed base still passes dX = dY · (codes · α) back (LoRA on a packed model).
+            return PackedLinearFunction.apply(input, self)
         lead = input.shape[:-1]
         x = input.reshape(-1, self.in_features)
         use_triton = self._use_triton(input)
@@ -363,3 +366,45 @@ def _reshape_weight_scale(module: nn.Module, state_dict: dict[str, Any], prefix:
     scale = state_dict.get(key)
     if isinstance(scale, torch.Tensor) and scale.dim() == 0:
         state_dict[key] = scale.reshape(1)
+
+
+
+
+def packed_input_grad(layer: PackedBitLinear, grad_out: torch.Tensor) -> torch.Tensor:
+    """``dY · (codes · α)`` for ``grad_out`` ``(M, out)``: the input gradient of a packed layer, chunked over rows."""
+    packed = layer.weight
+    rows, in_features = packed.shape
+    out_features = layer.out_features
+    dtype = grad_out.dtype if grad_out.dtype in (torch.float32, torch.float64) else torch.float32
+    grad_out = grad_out.to(dtype)
+    grad_in = torch.zeros(grad_out.shape[0], in_features, dtype=dtype, device=grad_out.device)
+    step = max(1, UNPACK_CHUNK_BYTES // (VALUES_PER_BYTE * in_features))
+    planes = torch.arange(VALUES_PER_BYTE, device=packed.device).view(VALUES_PER_BYTE, 1) * rows
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        # Output row of field (plane i, packed row r) is i·R + r; drop the padding rows of a short last plane.
+        out_idx = (planes + torch.arange(r0, r1, device=packed.device).view(1, -1)).reshape(-1)
+        keep = out_idx < out_features
+        codes = unpack_planes(packed[r0:r1])[keep].to(dtype) - 1.0  # (n, in), values in {-1, 0, 1}
+        grad_in.addmm_(grad_out[:, out_idx[keep]], codes)
+    return grad_in * layer.weight_scale.to(dtype)
+
+
+class PackedLinearFunction(torch.autograd.Function):
+    """The packed integer forward with the input gradient ``dY · (codes · α)`` (identity STE for the quantisers)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: PackedBitLinear) -> torch.Tensor:  # noqa: D102
+        ctx.layer = layer
+        ctx.x_dtype = x.dtype
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        layer: PackedBitLinear = ctx.layer
+        lead = grad_out.shape[:-1]
+        grad_in = packed_input_grad(layer, grad_out.reshape(-1, layer.out_features))
+        return grad_in.reshape(*lead, layer.in_features).to(ctx.x_dtype), None
