@@ -15,8 +15,9 @@ Implementations (``impl``, chosen explicitly; an exception is never swallowed to
 
 - ``"torch"`` on CPU: ``torch._int_mm`` (int8 × int8 → int32; on this torch version any M, K, N on CPU). With
   ``cpu_layout="packed"`` (default) the weights stay at 2 bits and are unpacked per call, a chunk of packed rows at
-  a time, by one broadcasted shift over the four bit planes; the fields ``w + 1`` go to ``_int_mm`` unchanged and
-  the ``-1`` becomes one row sum of the activation codes. With ``cpu_layout="int8"`` an int8 copy of the codes
+  a time, by one broadcasted bitwise ``and`` over the four bit planes (no shift: the powers of 4 are divided out
+  of the int32 sums, see ``_packed_int8_matmul``); the fields ``w + 1`` go to ``_int_mm`` and the ``-1`` becomes
+  one row sum of the activation codes. With ``cpu_layout="int8"`` an int8 copy of the codes
   (4× the packed bytes, kept beside them) is cached and the call is a bare ``_int_mm`` (see BENCHMARKS.md for
   speed and memory of both).
 - ``"torch"`` on other devices: ``_int_mm`` where CUDA's constraints hold, else an fp32 matmul of the integer codes
@@ -111,22 +112,42 @@ def ternary_matmul_torch(
     return (acc.float() * scale.reshape(m, 1)).to(out_dtype)
 
 
-# Unpack this many bytes of int8 fields at a time: the chunk stays in cache between unpacking and _int_mm, and the
+# Unpack this many bytes of int8 planes at a time: the chunk stays in cache between masking and _int_mm, and the
 # transient memory is bounded (one CPU thread, 6912x2560, M = 1: 1.5-2 ms with 1-2 MiB chunks, 2.6 ms unchunked).
 UNPACK_CHUNK_BYTES = 1 << 21
 
+# Bit masks of the four planes, all int8-safe once masked: fields 0..2 scaled by 4^i for planes 0..2 (at most 32);
+# plane 3 is not masked whole (64·2 = 128 overflows int8) but through its top bit, see _packed_int8_matmul.
+_PLANE_MASKS = (0x03, 0x0C, 0x30, 0x80)
+
 
 def _packed_int8_matmul(codes: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``codes @ w^T`` in int32 from the packed weights, unpacked a chunk of packed rows at a time."""
+    """``codes @ w^T`` in int32 from the packed weights, with one bitwise ``and`` per weight byte and plane.
+
+    A plain shift-and-mask unpack costs two elementwise passes over the four planes; a mask alone costs one (about
+    half the time on CPU). Per packed row r, with a = codes and fields f_i = w_i + 1 (module docstring of packing):
+
+        s_i = Σ a · (p & 3·4^i) = 4^i · Σ a·f_i              i = 0, 1, 2  (int8 values 0..32, exact)
+        s_3 = Σ a · int8(p & 0x80) = -128 · Σ a·b7           b7 = top bit of the byte
+        t   = Σ a · int8(p) = s_0 + s_1 + s_2 + 64 · Σ a·f_3 + 2 · s_3     (int8(p) = p - 256·b7)
+
+    so Σ a·f_3 = (t - s_0 - s_1 - s_2 - 2·s_3) / 64, all in exact int32 (the divisions by 4^i are exact shifts).
+    """
     m, k = codes.shape
     rows = packed.shape[0]
     step = max(1, UNPACK_CHUNK_BYTES // (VALUES_PER_BYTE * k))
+    masks = torch.tensor(_PLANE_MASKS, dtype=torch.uint8, device=packed.device).view(VALUES_PER_BYTE, 1, 1)
+    planes = torch.empty((VALUES_PER_BYTE, min(step, rows), k), dtype=torch.uint8, device=packed.device)
     acc = torch.empty((m, VALUES_PER_BYTE, rows), dtype=torch.int32, device=codes.device)  # (M, plane i, row r)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        # Fields f = w + 1 of the four planes of rows r0..r1, (4·n, K) read as int8 (values 0..2).
-        fields = unpack_planes(packed[r0:r1]).view(torch.int8)
+        chunk = torch.bitwise_and(packed[r0:r1].unsqueeze(0), masks, out=planes[:, : r1 - r0])  # (4, n, K)
+        fields = chunk.view(torch.int8).reshape(VALUES_PER_BYTE * (r1 - r0), k)
         acc[:, :, r0:r1] = _int8_matmul(codes, fields).view(m, VALUES_PER_BYTE, r1 - r0)
+    whole = _int8_matmul(codes, packed.view(torch.int8))  # (M, R): t, the bytes read as int8
+    s0, s1, s2, s3 = acc.unbind(1)
+    f3 = (whole - s0 - s1 - s2 - 2 * s3) >> 6
+    acc = torch.stack((s0, s1 >> 2, s2 >> 4, f3), dim=1)  # (M, 4, R): Σ a·f_i
     # Output n = i·R + r; Σ a·w = Σ a·f − Σ a.
     flat = acc.view(m, VALUES_PER_BYTE * rows)[:, :out_features]
     return flat - codes.sum(dim=-1, keepdim=True, dtype=torch.int32)
