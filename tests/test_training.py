@@ -1,0 +1,201 @@
+"""The two-stage recipe on Trainer: stages, optimiser state across the switch, resume, CLI, bad input, DDP."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from bitnet_a48 import cli
+from bitnet_a48.data import PackedDataset, load_documents, pack_documents
+from bitnet_a48.sparsity import measure_sparsity
+from bitnet_a48.tokenization_bitnet_a48 import train_bpe_tokenizer
+from bitnet_a48.training import RecipeConfig, TrainResult, build_model, evaluate_perplexity, get_preset, train_recipe
+
+SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def play_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real English: the first 40,000 characters of five embedded plays, one file each."""
+    folder = tmp_path_factory.mktemp("plays")
+    for doc in load_documents("shakespeare")[:5]:
+        (folder / f"{doc.name.replace('/', '_')}.txt").write_text(doc.text[:40_000])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(play_folder: Path) -> tuple[PreTrainedTokenizerFast, PackedDataset, PackedDataset]:
+    docs = load_documents(str(play_folder))
+    tokenizer = train_bpe_tokenizer((d.text for d in docs[1:]), vocab_size=300)
+    return tokenizer, pack_documents(tokenizer, docs[1:], 16, shuffle_seed=0), pack_documents(tokenizer, docs[:1], 16)
+
+
+def _train(data: tuple, tmp: Path, recipe: RecipeConfig, act: str = "relu2", **kwargs: object) -> TrainResult:
+    tokenizer, train, valid = data
+    model = build_model(SHAPE, tokenizer, recipe.stage_modes[0], seed=0, hidden_act=act)
+    return train_recipe(model, recipe, train, valid, tmp, tokenizer=tokenizer, **kwargs)
+
+
+def _losses(history: list[dict]) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def test_schedules() -> None:
+    r = RecipeConfig(recipe="a4.8", max_steps=100, warmup_steps=10, lr=1.5e-3, second_lr=1e-3, stage2_fraction=0.05)
+    lr = [r.lr_factor_at(s) * r.lr for s in range(100)]
+    assert lr[0] == pytest.approx(1.5e-4) and lr[9] == pytest.approx(1.5e-3)
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:], strict=False))  # never rises after warm-up
+    assert lr[49] > 1.2e-3 and lr[50] == pytest.approx(1e-3)  # the drop to the second peak at mid-training
+    assert lr[99] == pytest.approx(1e-4)
+    assert [r.weight_decay_at(s) for s in (0, 49, 50, 99)] == [0.1, 0.1, 0.0, 0.0]
+    assert r.switch_step == 95 and r.quant_mode_at(94) == "a8" and r.quant_mode_at(95) == "a4.8"
+    assert RecipeConfig(recipe="a8").switch_step == RecipeConfig(recipe="a8").max_steps
+    with pytest.raises(ValueError, match="unknown recipe"):
+        RecipeConfig(recipe="a2")
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_two_steps_of_each_stage_keep_the_optimiser_state(data: tuple, tmp_path: Path) -> None:
+    recipe = RecipeConfig(recipe="a4.8", max_steps=4, batch_size=4, warmup_steps=1, stage2_fraction=0.5,
+                          eval_steps=0, logging_steps=1)
+    result = _train(data, tmp_path, recipe)
+    assert result.modes == ["a8", "a8", "a4.8", "a4.8"]
+    assert result.model.config.quant_mode == "a4.8"
+    assert {m.quant_mode for m in result.model.projections().values()} == {"a4.8"}
+    assert all(math.isfinite(v) for v in _losses(result.log_history).values()) and len(result.log_history) >= 4
+    optimizer = result.trainer.optimizer
+    # The same Adam state went on through the switch: 4 steps counted for every parameter, moments non-zero.
+    states = [optimizer.state[p] for g in optimizer.param_groups for p in g["params"]]
+    assert states and all(int(s["step"]) == 4 for s in states)
+    assert all(s["exp_avg_sq"].abs().sum() > 0 for s in states)
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0}  # stage 2: weight decay 0
+    assert any(g["decayed"] for g in optimizer.param_groups)
+    assert (tmp_path / "checkpoint-4" / "optimizer.pt").exists()
+
+
+@pytest.mark.parametrize("recipe_name, mode", [("b1.58", "a8"), ("fp", "none")])
+def test_baselines_stay_in_one_mode(data: tuple, tmp_path: Path, recipe_name: str, mode: str) -> None:
+    recipe = RecipeConfig(recipe=recipe_name, max_steps=2, batch_size=4, warmup_steps=1, eval_steps=0)
+    result = _train(data, tmp_path, recipe, act="silu")
+    assert result.modes == [mode, mode] and result.model.config.quant_mode == mode
+    assert result.tokens == 2 * 4 * 16
+
+
+def test_resume_gives_the_same_next_loss(data: tuple, tmp_path: Path) -> None:
+    recipe = RecipeConfig(recipe="a4.8", max_steps=4, batch_size=4, warmup_steps=1, stage2_fraction=0.25,
+                          eval_steps=0, logging_steps=1, save_steps=2)
+    full = _losses(_train(data, tmp_path / "full", recipe).log_history)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-2")
+    resume_from = str(tmp_path / "resumed" / "checkpoint-2")
+    resumed = _train(data, tmp_path / "resumed", recipe, resume_from_checkpoint=resume_from)
+    again = _losses(resumed.log_history)
+    assert resumed.modes == ["a8", "a4.8"]  # steps 3 and 4: the switch happens after the resume
+    assert again[3] == pytest.approx(full[3], rel=1e-5, abs=1e-6)
+    assert again[4] == pytest.approx(full[4], rel=1e-5, abs=1e-6)
+
+
+def test_perplexity_and_sparsity(data: tuple) -> None:
+    tokenizer, _, valid = data
+    model = build_model(SHAPE, tokenizer, "a4.8", seed=0, hidden_act="relu2")
+    ppl = evaluate_perplexity(model, valid, batch_size=4, max_blocks=8)
+    with torch.no_grad():
+        loss = model(input_ids=valid.blocks[:8], labels=valid.blocks[:8]).loss
+    assert ppl == pytest.approx(math.exp(loss.item()), rel=1e-4)
+    shares = measure_sparsity(model, valid.blocks, max_blocks=8)
+    assert set(shares) >= {"qkv", "out", "up", "gate", "down", "overall"}
+    assert shares["out"] >= 0.5  # TopK keeps ⌈0.5·d⌉ per token
+    assert shares["up"] >= max(shares["gate"], shares["up_input"])
+    assert 0.02 < shares["qkv"] < 0.3  # INT4 absmean rounds roughly 12% of inputs to zero
+    model.set_quant_mode("none")
+    assert measure_sparsity(model, valid.blocks, max_blocks=8)["qkv"] == 0.0
+
+
+def test_quickstart_two_steps_writes_summary(play_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import quickstart  # the thin wrapper script
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "qs"
+    quickstart.main(["--preset", "tiny", "--steps", "2", "--data", str(play_folder), "--output-dir", str(out),
+                     "--max-new-tokens", "4", "--eval-steps", "0", "--seq-len", "16", "--vocab-size", "300"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {"perplexity", "sparsity", "steps", "tokens", "seconds", "sample"}
+    models = {"full precision", "BitNet b1.58", "BitNet a4.8"}
+    assert set(summary["perplexity"]) >= models | {"a4.8 without stage 2"}
+    assert set(summary["steps"]) == models | {"BitNet b1.58 (ReLU²GLU)"} and set(summary["steps"].values()) == {2}
+    assert all(set(s) >= {"qkv", "out", "up", "gate", "down", "overall"} for s in summary["sparsity"].values())
+    assert summary["tokens"]["BitNet a4.8"] == 2 * 8 * 16
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "bitnet-a48-model" / "tokenizer.json").exists()
+    assert "valid PPL" in capsys.readouterr().out
+    # The saved folder loads through the Auto classes and generates.
+    assert cli.main(["generate", str(out / "bitnet-a48-model"), "--prompt", "KING:", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("KING:")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "missing-file.txt"], "not found"),
+    (["--data", "EMPTY"], "no text found"),
+    (["--data", "SHORT", "--seq-len", "256"], "shorter than one sequence"),
+    (["--preset", "enormous"], "invalid choice"),
+])
+def test_bad_input_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str],
+                                         message: str) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Too short to fill a sequence.\n")
+    argv = [{"EMPTY": str(tmp_path / "empty.txt"), "SHORT": str(tmp_path / "short.txt")}.get(a, a) for a in argv]
+    out = tmp_path / "out"
+    for command in ("quickstart", "train"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--output-dir", str(out), *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing was trained or written
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--recipe", "a2", "--output-dir", str(out)])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def _train_argv(play_folder: Path, out: Path) -> list[str]:
+    return ["train", "--recipe", "a4.8", "--preset", "tiny", "--steps", "3", "--stage2-fraction", "0.34",
+            "--data", str(play_folder), "--seq-len", "16", "--vocab-size", "300", "--batch-size", "8",
+            "--eval-steps", "0", "--output-dir", str(out)]
+
+
+def test_ddp_two_processes_match_one(play_folder: Path, tmp_path: Path) -> None:
+    """accelerate launch --multi_gpu --num_processes 2 (torchrun, gloo on CPU) gives the losses of one process.
+
+    Without a GPU, accelerate needs ``--multi_gpu`` to start two processes; ``--cpu`` alone runs one.
+    """
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           "29533", "-m", "bitnet_a48.cli", *_train_argv(play_folder, tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.set_num_threads(1)
+    try:
+        cli.main(_train_argv(play_folder, tmp_path / "single"))
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["processes"] == 2
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    ddp_losses, single_losses = _losses(ddp["log_history"]), _losses(single["log_history"])
+    assert set(ddp_losses) == set(single_losses) == {1, 2, 3}
+    for step in ddp_losses:
+        assert ddp_losses[step] == pytest.approx(single_losses[step], rel=1e-3), (ddp_losses, single_losses)
+    assert ddp["perplexity"] == pytest.approx(single["perplexity"], rel=1e-3)
