@@ -374,13 +374,155 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Registration: one entry per subcommand (add convert, pack, eval, bench here)
+# convert, export, pack (checkpoint tools of convert.py, which parse their own arguments)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _add_forwarding_parser(sub: argparse._SubParsersAction, name: str, entry: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, add_help=False, description=f"{help_text} (`{name} --help` for options)")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+
+    def run(args: argparse.Namespace) -> int:
+        from . import convert
+
+        return getattr(convert, entry)(args.argv)
+
+    p.set_defaults(func=run)
+
+
+def add_checkpoint_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_forwarding_parser(sub, "convert", "main_convert",
+                           "convert a transformers bitnet (latent or packed) or llama folder into bitnet_a48")
+    _add_forwarding_parser(sub, "export", "main_export", "export a bitnet_a48 folder to transformers' bitnet format")
+    _add_forwarding_parser(sub, "pack", "main_pack", "pack a latent bitnet_a48 folder into 2-bit ternary weights")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval: validation perplexity and activation sparsity of a saved model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation perplexity and activation sparsity of a saved model",
+                       description="Perplexity on the validation split of --data (packed blocks of --seq-len tokens) "
+                                   "and the activation sparsity per projection, as the paper's Tables 1-2.")
+    p.add_argument("model", help="model folder written by save_pretrained (with its tokenizer)")
+    p.add_argument("--data", default="shakespeare", help="'shakespeare' (embedded) or a local text/jsonl/parquet path")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--validation-every", type=int, default=10)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--max-blocks", type=int, default=64, help="validation blocks evaluated (0: all)")
+    p.add_argument("--quant-mode", default=None, choices=["a4.8", "a8", "none"],
+                   help="evaluate in this mode (default: the saved one)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--output", default=None, help="also write the result as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_corpus, pack_documents
+    from .sparsity import format_sparsity_table, measure_sparsity
+    from .training import evaluate_perplexity, write_json
+
+    _check_positive(args, "seq_len")
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"model folder not found: {args.model}")
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    if args.quant_mode is not None:
+        model.set_quant_mode(args.quant_mode)
+    corpus = load_corpus(args.data, args.validation_every, text_field=args.text_field)
+    validation = pack_documents(tokenizer, corpus.validation, args.seq_len, what="validation text")
+    max_blocks = args.max_blocks or None
+    ppl = evaluate_perplexity(model, validation, max_blocks=max_blocks)
+    label = f"{Path(args.model).name} ({model.config.quant_mode})"
+    sparsity = measure_sparsity(model, validation.blocks, max_blocks=max_blocks or validation.blocks.shape[0])
+    print(format_sparsity_table({label: sparsity}, {label: ppl}))
+    result = {"perplexity": ppl, "sparsity": sparsity, "quant_mode": model.config.quant_mode,
+              "blocks": min(len(validation), max_blocks or len(validation)), "seq_len": args.seq_len}
+    if args.output:
+        write_json(Path(args.output), result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench: decode speed of a saved model (the full comparisons are the scripts in benchmarks/)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="decode tokens/s of a saved model, latent against packed, in one run",
+                       description="Greedy decode speed of a saved model as saved and, for a latent model, after "
+                                   "model.pack() (both CPU layouts), measured in the same run. The comparisons "
+                                   "against LLaMA and transformers' BitNet are benchmarks/bench_decode.py.")
+    p.add_argument("model", help="model folder written by save_pretrained")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+
+def _decode_seconds_per_token(model: Any, ids: Any, new_tokens: int, reps: int) -> float:
+    """Median over `reps` of (generate(n) - generate(1)) / (n - 1): decode steps without the prefill."""
+    import statistics
+
+    import torch
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    return statistics.median((run(new_tokens) - run(1)) / (new_tokens - 1) for _ in range(reps))
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for name in ("prompt_tokens", "new_tokens", "batch_size", "reps"):
+        _check_positive(args, name)
+    if args.new_tokens < 2:
+        raise ValueError("--new-tokens must be at least 2")
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+    ids = torch.randint(3, model.config.vocab_size, (args.batch_size, args.prompt_tokens),
+                        generator=torch.Generator().manual_seed(0))
+    variants = {f"as saved ({model.config.weight_format})": model}
+    if model.config.weight_format == "latent" and model.config.quant_mode != "none":
+        packed = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+        packed.pack()
+        variants["packed, 2-bit in memory"] = packed
+        packed_int8 = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        packed_int8.eval().pack()
+        for layer in packed_int8.projections().values():
+            layer.set_cpu_layout("int8")
+        variants["packed, int8 CPU layout"] = packed_int8
+    rows = {name: 1.0 / _decode_seconds_per_token(m, ids, args.new_tokens, args.reps) * args.batch_size
+            for name, m in variants.items()}
+    base = next(iter(rows.values()))
+    print(f"{'model':32s} {'tokens/s':>10s} {'ratio':>7s}")
+    for name, tps in rows.items():
+        print(f"{name:32s} {tps:10.2f} {tps / base:6.2f}x")
+    return {"tokens_per_second": rows}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration: one entry per subcommand
 # ---------------------------------------------------------------------------------------------------------
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_train_parser,
     add_quickstart_parser,
     add_generate_parser,
+    add_checkpoint_parsers,
+    add_eval_parser,
+    add_bench_parser,
 ]
 
 
@@ -399,8 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
         parser.exit(2, f"bitnet-a48 {args.command}: error: {err}\n")
-    del result
-    return 0
+    return result if isinstance(result, int) else 0  # the checkpoint tools return their exit status
 
 
 if __name__ == "__main__":
