@@ -37,7 +37,30 @@ from .quantization import (
 )
 
 
-class BitLinear(nn.Linear):
+class InputQuantizerMixin:
+    """The input-quantiser choice shared by the latent and the packed layer: role, quant_mode, TopK ratio, format."""
+
+    role: str
+    in_features: int
+
+    def set_quant_mode(
+        self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None
+    ) -> None:
+        """Switch the arithmetic ("a4.8", "a8", "none"); the weights are untouched."""
+        if quant_mode not in QUANT_MODES:
+            raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {quant_mode!r}")
+        topk_ratio = getattr(self, "topk_ratio", 0.5) if topk_ratio is None else topk_ratio
+        act4_format = getattr(self, "act4_format", "int4") if act4_format is None else act4_format
+        if act4_format not in ACT4_FORMATS:
+            raise ValueError(f"act4_format must be one of {ACT4_FORMATS}, got {act4_format!r}")
+        topk_count(self.in_features, topk_ratio)  # validates the ratio
+        self.quant_mode = quant_mode
+        self.topk_ratio = float(topk_ratio)
+        self.act4_format = act4_format
+        self.act_quantizer = act_quantizer_name(self.role, quant_mode, act4_format)
+
+
+class BitLinear(InputQuantizerMixin, nn.Linear):
     """Linear layer with ternary weights and quantised inputs, trained through the straight-through estimator.
 
     Args:
@@ -68,22 +91,6 @@ class BitLinear(nn.Linear):
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role = role
         self.set_quant_mode(quant_mode, topk_ratio=topk_ratio, act4_format=act4_format)
-
-    def set_quant_mode(
-        self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None
-    ) -> None:
-        """Switch the arithmetic ("a4.8", "a8", "none"); the latent weights are untouched."""
-        if quant_mode not in QUANT_MODES:
-            raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {quant_mode!r}")
-        topk_ratio = getattr(self, "topk_ratio", 0.5) if topk_ratio is None else topk_ratio
-        act4_format = getattr(self, "act4_format", "int4") if act4_format is None else act4_format
-        if act4_format not in ACT4_FORMATS:
-            raise ValueError(f"act4_format must be one of {ACT4_FORMATS}, got {act4_format!r}")
-        topk_count(self.in_features, topk_ratio)  # validates the ratio
-        self.quant_mode = quant_mode
-        self.topk_ratio = float(topk_ratio)
-        self.act4_format = act4_format
-        self.act_quantizer = act_quantizer_name(self.role, quant_mode, act4_format)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.shape[-1] != self.in_features:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bitlinear import BitLinear
+from .bitlinear import BitLinear, InputQuantizerMixin
 from .packing import (
     PACKED_ZERO_BYTE,
     VALUES_PER_BYTE,
@@ -49,14 +49,10 @@ from .packing import (
     validate_packed,
 )
 from .quantization import (
-    ACT4_FORMATS,
-    QUANT_MODES,
     ROLES,
     Quantized,
-    act_quantizer_name,
     quantize_act,
     quantize_weight_ternary,
-    topk_count,
 )
 
 IMPLS = ("auto", "torch", "triton")
@@ -153,7 +149,7 @@ def _packed_int8_matmul(codes: torch.Tensor, packed: torch.Tensor, out_features:
     return flat - codes.sum(dim=-1, keepdim=True, dtype=torch.int32)
 
 
-class PackedBitLinear(nn.Module):
+class PackedBitLinear(InputQuantizerMixin, nn.Module):
     """Ternary linear layer for inference: 2-bit packed weights, quantised inputs, integer matmul.
 
     Args:
@@ -215,22 +211,12 @@ class PackedBitLinear(nn.Module):
         self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None
     ) -> None:
         """Switch the input quantisers ("a4.8" or "a8"); same semantics as ``BitLinear.set_quant_mode``."""
-        if quant_mode not in QUANT_MODES:
-            raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {quant_mode!r}")
         if quant_mode == "none":
             raise ValueError(
                 "quant_mode='none' (full precision) is impossible on a PackedBitLinear: its full-precision weights "
                 "were replaced by ternary codes when it was packed; use the latent BitLinear model instead"
             )
-        topk_ratio = getattr(self, "topk_ratio", 0.5) if topk_ratio is None else topk_ratio
-        act4_format = getattr(self, "act4_format", "int4") if act4_format is None else act4_format
-        if act4_format not in ACT4_FORMATS:
-            raise ValueError(f"act4_format must be one of {ACT4_FORMATS}, got {act4_format!r}")
-        topk_count(self.in_features, topk_ratio)  # validates the ratio
-        self.quant_mode = quant_mode
-        self.topk_ratio = float(topk_ratio)
-        self.act4_format = act4_format
-        self.act_quantizer = act_quantizer_name(self.role, quant_mode, act4_format)
+        super().set_quant_mode(quant_mode, topk_ratio=topk_ratio, act4_format=act4_format)
 
     def set_impl(self, impl: str) -> None:
         """Choose "auto", "torch" or "triton"; "triton" raises here when Triton is not importable."""
