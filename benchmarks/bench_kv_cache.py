@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kv_cache.py                     # all sections
     python benchmarks/bench_kv_cache.py --section memory    # memory | speed | quality
+    python benchmarks/bench_kv_cache.py --section quality --model DIR   # quality of a trained model
 
 memory: the 2B-4T attention shape (30 layers, 20 query / 5 KV heads, head_dim 128, bf16), 2,048 tokens of context,
     default window: bytes of every tensor each cache holds, and the peak live bytes of one decode step through all
@@ -10,24 +11,33 @@ speed: decode time per token at 1,024 tokens of context, (a) of the attention al
     shape, 30 layers) and (b) of a whole model (BitNetA48ForCausalLM, hidden 1024, 8 layers, head_dim 128).
 quality: a tiny model trained on a copy task; perplexity of held-out text fed in chunks of 16 tokens through each
     cache, per bit width, with and without the window; greedy agreement with DynamicCache.
+    With ``--model DIR`` (a trained model and its tokenizer, e.g. the quickstart's): the validation split of the
+    embedded Shakespeare corpus (``bitnet_a48.data``), ``--sequences`` sequences of ``--seq-len`` tokens spread
+    over it, fed ``--chunk`` tokens at a time (each chunk attends to the cached, quantised past); greedy
+    continuations of ``--new-tokens`` tokens after prompts of ``--prompt-len`` tokens (also fed in chunks): the
+    fraction of positions equal to DynamicCache's and the mean common prefix; and the teacher-forced top-1
+    agreement (the argmax next token at every validation position, each setting against DynamicCache).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from bitnet_a48 import BitNetA48Config
 from bitnet_a48.cache_bitnet_a48 import BitNetA48QuantizedCache
+from bitnet_a48.data import load_corpus, pack_documents
 from bitnet_a48.modeling_bitnet_a48 import BitNetA48ForCausalLM
 
 LAYERS, HQ, HKV, D = 30, 20, 5, 128  # microsoft/bitnet-b1.58-2B-4T attention
@@ -174,13 +184,54 @@ def _copy_corpus(n: int, seed: int, segment: int = 21, repeats: int = 3) -> torc
 
 
 @torch.no_grad()
-def _chunked_ppl(
-    model: BitNetA48ForCausalLM, data: torch.Tensor, make_cache: Callable[[], object], chunk: int
-) -> float:
+def _chunked_nll(
+    model: nn.Module, data: torch.Tensor, make_cache: Callable[[], object], chunk: int
+) -> tuple[float, torch.Tensor]:
+    """Summed next-token NLL of ``data`` (B, T) fed ``chunk`` tokens at a time through one cache, and the argmax
+    predictions (B, T-1) of each next token."""
+    cache, total, top1 = make_cache(), 0.0, []
+    for i in range(0, data.shape[1], chunk):
+        logits = model(data[:, i : i + chunk], past_key_values=cache, use_cache=True).logits
+        target = data[:, i + 1 : i + chunk + 1]  # the last chunk has no target for its last token
+        logits = logits[:, : target.shape[1]]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        top1.append(logits.argmax(-1))
+    return total, torch.cat(top1, 1)
+
+
+def _chunked_eval(
+    model: nn.Module, data: torch.Tensor, make_cache: Callable[[], object], chunk: int, batch: int | None = None
+) -> tuple[float, torch.Tensor]:
+    """Perplexity of ``data`` fed in chunks, ``batch`` sequences per cache (all at once by default), and the
+    argmax predictions (B, T-1)."""
+    parts = [_chunked_nll(model, x, make_cache, chunk) for x in data.split(batch or data.shape[0])]
+    nll = sum(n for n, _ in parts)
+    return math.exp(nll / (data.shape[0] * (data.shape[1] - 1))), torch.cat([t for _, t in parts])
+
+
+def _chunked_ppl(model: nn.Module, data: torch.Tensor, make_cache: Callable[[], object], chunk: int) -> float:
+    return _chunked_eval(model, data, make_cache, chunk)[0]
+
+
+@torch.no_grad()
+def _greedy(
+    model: nn.Module, prompt: torch.Tensor, make_cache: Callable[[], object], chunk: int, new_tokens: int
+) -> torch.Tensor:
+    """Greedy continuation (B, new_tokens) of ``prompt`` (B, P), the prompt fed ``chunk`` tokens at a time."""
     cache = make_cache()
-    logits = torch.cat([model(data[:, i : i + chunk], past_key_values=cache).logits
-                        for i in range(0, data.shape[1], chunk)], 1)  # fmt: skip
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), data[:, 1:].reshape(-1)).exp())
+    for i in range(0, prompt.shape[1], chunk):
+        logits = model(prompt[:, i : i + chunk], past_key_values=cache, use_cache=True).logits
+    out = [logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(new_tokens - 1):
+        logits = model(out[-1], past_key_values=cache, use_cache=True).logits
+        out.append(logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(out, 1)
+
+
+def _agreement(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Fraction of positions equal to ``ref``, and mean length of the common prefix (tokens before divergence)."""
+    same = out == ref
+    return float(same.float().mean()), float(same.int().cumprod(1).sum(1).float().mean())
 
 
 def bench_quality(steps: int = 300, chunk: int = 16) -> dict[str, float]:
@@ -213,14 +264,73 @@ def bench_quality(steps: int = 300, chunk: int = 16) -> dict[str, float]:
     return result
 
 
+def _validation_sequences(tokenizer: object, seq_len: int, count: int) -> torch.Tensor:
+    """``count`` blocks of ``seq_len`` tokens spread evenly over the packed validation split of the embedded corpus."""
+    blocks = pack_documents(tokenizer, load_corpus("shakespeare").validation, seq_len, what="validation split").blocks
+    if count >= blocks.shape[0]:
+        return blocks
+    return blocks[torch.linspace(0, blocks.shape[0] - 1, count).round().long()]
+
+
+def bench_quality_model(
+    model_dir: str,
+    sequences: int = 128,
+    seq_len: int = 512,
+    chunk: int = 32,
+    prompts: int = 32,
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    batch: int = 32,
+) -> dict[str, float]:
+    """Chunked validation perplexity and greedy agreement of a trained model, DynamicCache against each setting."""
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = _validation_sequences(tokenizer, seq_len, sequences)
+    prompt = data[:prompts, :prompt_len]
+    result = {"sequences": float(data.shape[0]), "tokens": float(data.numel())}
+    with torch.no_grad():  # one full-sequence pass, no cache: the chunked DynamicCache pass must match it
+        full = sum(model(x, labels=x, use_cache=False).loss.item() * len(x) for x in data.split(batch))
+    result["ppl_no_cache"] = math.exp(full / len(data))
+    result["ppl_dynamic"], top1_ref = _chunked_eval(model, data, DynamicCache, chunk, batch)
+    ref = _greedy(model, prompt, DynamicCache, chunk, new_tokens)
+    for window in (16, 0):
+        for bits in (8, 4, 3, 2):
+            make = lambda b=bits, w=window: BitNetA48QuantizedCache(model.config, bits=b, window=w)  # noqa: E731
+            p, top1 = _chunked_eval(model, data, make, chunk, batch)
+            result[f"ppl_{bits}bit_w{window}"] = p
+            result[f"ratio_{bits}bit_w{window}"] = p / result["ppl_dynamic"]
+            result[f"top1_agree_{bits}bit_w{window}"] = float((top1 == top1_ref).float().mean())
+            agree, prefix = _agreement(_greedy(model, prompt, make, chunk, new_tokens), ref)
+            result[f"greedy_agree_{bits}bit_w{window}"] = agree
+            result[f"greedy_prefix_{bits}bit_w{window}"] = prefix
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", choices=("all", "memory", "speed", "quality"), default="all")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=300, help="training steps of the quality model")
+    parser.add_argument("--steps", type=int, default=300, help="training steps of the toy quality model")
+    parser.add_argument("--model", metavar="DIR", help="trained model (and tokenizer) for quality")
+    parser.add_argument("--sequences", type=int, default=128, help="validation sequences (--model)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per validation sequence (--model)")
+    parser.add_argument("--chunk", type=int, default=32, help="tokens fed per forward pass (--model)")
+    parser.add_argument("--prompts", type=int, default=32, help="greedy prompts (--model)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="tokens per greedy prompt (--model)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt (--model)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sections = {"memory": bench_memory, "speed": bench_speed, "quality": lambda: bench_quality(args.steps)}
+
+    def quality() -> dict[str, float]:
+        if args.model is None:
+            return bench_quality(args.steps)
+        return bench_quality_model(
+            args.model, args.sequences, args.seq_len, args.chunk, args.prompts, args.prompt_len, args.new_tokens
+        )
+
+    sections = {"memory": bench_memory, "speed": bench_speed, "quality": quality}
     results = {}
     for name, fn in sections.items():
         if args.section in ("all", name):
