@@ -139,6 +139,8 @@ def test_quickstart_two_steps_writes_summary(play_folder: Path, tmp_path: Path, 
     assert summary["tokens"]["BitNet a4.8"] == 2 * 8 * 16
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "bitnet-a48-model" / "tokenizer.json").exists()
+    # Trainer turns config.use_cache off while training; the saved model must generate with its KV cache.
+    assert json.loads((out / "bitnet-a48-model" / "config.json").read_text())["use_cache"] is True
     assert "valid PPL" in capsys.readouterr().out
     # The saved folder loads through the Auto classes and generates.
     assert cli.main(["generate", str(out / "bitnet-a48-model"), "--prompt", "KING:", "--max-new-tokens", "3"]) == 0

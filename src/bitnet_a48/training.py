@@ -339,6 +339,9 @@ def train_recipe(
         eval_dataset = PackedDataset(eval_dataset.blocks[: recipe.eval_blocks])
     args = training_arguments(recipe, output_dir, has_eval=eval_dataset is not None)
     stages = TwoStageCallback(recipe, keep_stage1=keep_stage1)
+    # transformers' Trainer sets `model.config.use_cache = args.use_cache` (False): put the model's own value back
+    # afterwards, or every saved model would generate without a KV cache.
+    use_cache = model.config.use_cache
     trainer = BitNetTrainer(
         model=model,
         args=args,
@@ -350,7 +353,6 @@ def train_recipe(
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(BarOnlyProgressCallback)
-    use_cache, model.config.use_cache = model.config.use_cache, False  # no KV cache is needed to train
     start = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume_from_checkpoint)
