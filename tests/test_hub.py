@@ -31,11 +31,11 @@ class RecordingApi:
     def upload_folder(self, *, folder_path: str, repo_id: str, **kwargs: Any) -> str:
         self.files = {p.relative_to(folder_path).as_posix(): p.read_bytes()
                       for p in Path(folder_path).rglob("*") if p.is_file()}
-        return f"https://huggingface.co/{repo_id}/commit/0"
+        return f"{repo_id}@commit-0"
 
     def create_commit(self, *, repo_id: str, operations: list, **kwargs: Any) -> str:
         self.files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
-        return f"https://huggingface.co/{repo_id}/commit/0"
+        return f"{repo_id}@commit-0"
 
 
 def test_card_copies_are_identical_and_fill_every_placeholder(tiny_config_kwargs: dict, tmp_path: Path) -> None:
