@@ -44,6 +44,25 @@ def _base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _check_training_base_and_reload(peft_model: torch.nn.Module, before: dict[str, torch.Tensor],
+                                    fresh: torch.nn.Module, tmp_path: Path) -> None:
+    """Adapters lower the loss, the frozen base is unchanged, and saved adapters reload onto `fresh` exactly."""
+    ids = _batch()
+    losses = _train(peft_model, ids)
+    assert losses[-1] < 0.9 * losses[0], losses
+    after = {k.replace("base_layer.", ""): v for k, v in peft_model.get_base_model().state_dict().items()
+             if "lora_" not in k}
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    fresh.load_state_dict(before)
+    loaded = pb.load_lora(fresh, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
 def test_latent_lora_all_linear_trains_and_keeps_base(tiny_config_kwargs: dict, tmp_path: Path) -> None:
     model = _model(tiny_config_kwargs)
     before = _base_state(model)
@@ -51,22 +70,7 @@ def test_latent_lora_all_linear_trains_and_keeps_base(tiny_config_kwargs: dict, 
     wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, LoraLinear)]
     assert len(wrapped) == 7 * 2 and not any("lm_head" in n for n in wrapped)
     assert all(isinstance(m.get_base_layer(), BitLinear) for n, m in peft_model.named_modules() if n in wrapped)
-    ids = _batch()
-    losses = _train(peft_model, ids)
-    assert losses[-1] < 0.9 * losses[0], losses
-    after = {k.replace("base_layer.", ""): v for k, v in peft_model.get_base_model().state_dict().items()
-             if "lora_" not in k}
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-
-    peft_model.eval()
-    with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits
-    peft_model.save_pretrained(tmp_path / "adapter")
-    fresh = _model(tiny_config_kwargs)
-    fresh.load_state_dict(before)
-    loaded = pb.load_lora(fresh, str(tmp_path / "adapter")).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    _check_training_base_and_reload(peft_model, before, _model(tiny_config_kwargs), tmp_path)
 
 
 def test_latent_merge_adds_the_delta_to_the_latent_weights(tiny_config_kwargs: dict) -> None:
@@ -107,22 +111,7 @@ def test_packed_qlora_trains_adapters_on_a_frozen_2bit_base(tiny_config_kwargs: 
     assert len(wrapped) == 14
     assert all(not p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
 
-    ids = _batch()
-    losses = _train(peft_model, ids)
-    assert losses[-1] < 0.9 * losses[0], losses
-    after = {k.replace("base_layer.", ""): v for k, v in peft_model.get_base_model().state_dict().items()
-             if "lora_" not in k}
-    assert all(torch.equal(after[k], v) for k, v in before.items())
-
-    peft_model.eval()
-    with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits
-    peft_model.save_pretrained(tmp_path / "adapter")
-    fresh = _model(tiny_config_kwargs, packed=True)
-    fresh.load_state_dict(before)
-    loaded = pb.load_lora(fresh, str(tmp_path / "adapter")).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    _check_training_base_and_reload(peft_model, before, _model(tiny_config_kwargs, packed=True), tmp_path)
 
     with pytest.raises(ValueError, match="cannot merge LoRA into a packed"):
         pb.merge_lora(peft_model)
