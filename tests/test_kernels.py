@@ -53,6 +53,16 @@ def test_int_mm_path_equals_integer_reference(m: int, n: int) -> None:
     assert torch.equal(got, acc_ref.float() * scale)  # same fp32 epilogue, bit for bit
 
 
+@pytest.mark.parametrize("m, k, n", [(1, 1, 5), (3, 1, 64), (2, 2, 3), (1, 17, 2)])
+def test_int_mm_path_exact_on_tiny_k(m: int, k: int, n: int) -> None:
+    # torch 2.13's CPU _int_mm is wrong for K = 1 (N >= 2); _int8_matmul takes an outer product there.
+    codes = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = _ternary(n, k)
+    for cache in (None, w):
+        got = ternary_matmul_torch(codes, torch.ones(m, 1), pack_ternary(w), n, weight_int8=cache)
+        assert torch.equal(got, (codes.int() @ w.int().t()).float())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Activation quantisation kernels
 # ---------------------------------------------------------------------------------------------------------

@@ -22,9 +22,13 @@ Implementations (``impl``, chosen explicitly; an exception is never swallowed to
   speed and memory of both).
 - ``"torch"`` on other devices: ``_int_mm`` where CUDA's constraints hold, else an fp32 matmul of the integer codes
   (exact while K·128·2 < 2^24).
+- ``"inductor"``: ``"torch"``, except that CPU decode (M ≤ ``kernels_cpu_gemv.GEMV_MAX_ROWS`` rows, weights held
+  packed) runs the fused GEMV of ``kernels_cpu_gemv``: one pass over the packed bytes, no unpacked buffer, compiled
+  by ``torch.compile`` on first use (needs a C++ compiler). Same integers as ``"torch"``.
 - ``"triton"``: ``kernels_act_quant`` for the input quantiser (FP4 stays in torch), ``kernels_ternary_matmul`` on
   the packed weights (decode kernel for M ≤ 16).
-- ``"auto"``: Triton on CUDA tensors when Triton is importable, else torch.
+- ``"auto"``: Triton on CUDA tensors when Triton is importable; on CPU ``"inductor"`` when a C++ compiler is on the
+  PATH; else ``"torch"``.
 
 The class is deliberately not an ``nn.Linear`` subclass: transformers' ``_init_weights`` draws normal weights
 into every ``nn.Linear`` it initialises. The constructor fills the weights with zeros (packed code 1) and α = 1;
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 
 from .bitlinear import BitLinear, InputQuantizerMixin
+from .kernels_cpu_gemv import GEMV_MAX_K, GEMV_MAX_ROWS, cpu_compiler_available, ternary_gemv_cpu
 from .packing import (
     PACKED_ZERO_BYTE,
     VALUES_PER_BYTE,
@@ -55,7 +60,7 @@ from .quantization import (
     quantize_weight_ternary,
 )
 
-IMPLS = ("auto", "torch", "triton")
+IMPLS = ("auto", "torch", "triton", "inductor")
 CPU_LAYOUTS = ("packed", "int8")
 _TRITON_ACT_QUANTIZERS = ("int8", "int4", "topk_int8")
 
@@ -69,6 +74,9 @@ def _triton_available() -> bool:
 def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b^T`` in int32 for int8 ``a [M, K]`` and int8 ``b [N, K]``, exact."""
     if a.device.type == "cpu":
+        if a.shape[1] == 1:
+            # torch 2.13's CPU _int_mm returns garbage for K = 1 and N >= 2 (tests/test_kernels.py): outer product.
+            return a.to(torch.int32) * b.to(torch.int32).t()
         return torch._int_mm(a, b.t())  # CPU: any shape; b passed transposed (the fastest layout measured)
     m, k = a.shape
     n = b.shape[0]
@@ -219,11 +227,16 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
         super().set_quant_mode(quant_mode, topk_ratio=topk_ratio, act4_format=act4_format)
 
     def set_impl(self, impl: str) -> None:
-        """Choose "auto", "torch" or "triton"; "triton" raises here when Triton is not importable."""
+        """Choose "auto", "torch", "inductor" or "triton"; raises here when the chosen one cannot run."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "triton" and not _triton_available():
             raise RuntimeError("impl='triton' needs the `triton` package (pip install 'bitnet-a48[triton]')")
+        if impl == "inductor" and not cpu_compiler_available():
+            raise RuntimeError(
+                "impl='inductor' compiles its CPU kernel with torch.compile, which needs a C++ compiler (g++ or "
+                "clang++, or $CXX) on the PATH; use impl='torch' without one"
+            )
         self.impl = impl
 
     def set_cpu_layout(self, cpu_layout: str) -> None:
@@ -298,6 +311,16 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
             return x.is_cuda and _triton_available()
         return self.impl == "triton"
 
+    def _use_cpu_gemv(self, x: torch.Tensor) -> bool:
+        # x: (M, K). The fused GEMV serves CPU decode with the weights held packed (module docstring).
+        if x.device.type != "cpu" or self.cpu_layout != "packed" or x.shape[0] > GEMV_MAX_ROWS:
+            return False
+        if x.shape[1] > GEMV_MAX_K:
+            return False
+        if self.impl == "auto":
+            return cpu_compiler_available()
+        return self.impl == "inductor"
+
     def _quantize_input(self, x: torch.Tensor, use_triton: bool) -> Quantized:
         if use_triton and self.act_quantizer in _TRITON_ACT_QUANTIZERS:
             from .kernels_act_quant import quantize_act_triton
@@ -325,6 +348,9 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
             from .kernels_ternary_matmul import ternary_matmul_triton
 
             y = ternary_matmul_triton(codes, scale, self.weight, self.out_features, input.dtype)
+        elif self._use_cpu_gemv(x):
+            acc = ternary_gemv_cpu(codes, self.weight, self.out_features)  # (M, N) int32
+            y = (acc.float() * scale).to(input.dtype)
         else:
             weight_int8 = None
             if self.cpu_layout == "int8" and input.device.type == "cpu":

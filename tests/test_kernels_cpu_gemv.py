@@ -1,0 +1,105 @@
+"""The fused CPU GEMV (``kernels_cpu_gemv``) against exact integer references, and its dispatch in PackedBitLinear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitnet_a48 import kernels_cpu_gemv as kcg
+from bitnet_a48 import packed_bitlinear
+from bitnet_a48.bitlinear import BitLinear
+from bitnet_a48.packed_bitlinear import PackedBitLinear, _packed_int8_matmul
+from bitnet_a48.packing import pack_ternary
+from bitnet_a48.quantization import ROLES
+
+needs_compiler = pytest.mark.skipif(not kcg.cpu_compiler_available(), reason="no C++ compiler for inductor")
+pytestmark = needs_compiler
+
+
+def _ternary(out_features: int, in_features: int) -> torch.Tensor:
+    return torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("n, k", [(45, 300), (64, 17), (5, 1), (8, 4100)])
+def test_gemv_equals_integer_reference(m: int, n: int, k: int) -> None:
+    codes = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    w = _ternary(n, k)
+    packed = pack_ternary(w)
+    got = kcg.ternary_gemv_cpu(codes, packed, n)
+    want = codes.int() @ w.int().t()  # exact in int32
+    assert got.dtype == torch.int32 and got.shape == (m, n)
+    assert torch.equal(got, want)
+    assert torch.equal(got, _packed_int8_matmul(codes, packed, n))
+
+
+def test_gemv_sums_over_several_k_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kcg, "K_SLICE", 64)  # 300 = 64·4 + 44: five compiled calls per row
+    codes = torch.randint(-128, 128, (2, 300), dtype=torch.int8)
+    w = _ternary(45, 300)
+    assert torch.equal(kcg.ternary_gemv_cpu(codes, pack_ternary(w), 45), codes.int() @ w.int().t())
+
+
+def test_gemv_exact_at_the_largest_k() -> None:
+    # Worst case of the fp32 accumulation: every product 2·(-128) (field 2) over K = GEMV_MAX_K terms.
+    k = kcg.GEMV_MAX_K
+    codes = torch.full((1, k), -128, dtype=torch.int8)
+    w = torch.ones(4, k, dtype=torch.int8)
+    w[1] = -1
+    got = kcg.ternary_gemv_cpu(codes, pack_ternary(w), 4)
+    assert torch.equal(got, torch.tensor([[-128 * k, 128 * k, -128 * k, -128 * k]], dtype=torch.int32))
+
+
+def test_gemv_rejects_bad_inputs() -> None:
+    packed = pack_ternary(_ternary(8, 16))
+    codes = torch.zeros(1, 16, dtype=torch.int8)
+    with pytest.raises(TypeError, match="int8 codes and uint8"):
+        kcg.ternary_gemv_cpu(codes.float(), packed, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        kcg.ternary_gemv_cpu(torch.zeros(1, 15, dtype=torch.int8), packed, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        kcg.ternary_gemv_cpu(codes, packed, 9)
+    with pytest.raises(ValueError, match="K <= 65535"):
+        kcg.ternary_gemv_cpu(torch.zeros(1, 65536, dtype=torch.int8), torch.zeros(1, 65536, dtype=torch.uint8), 4)
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("quant_mode", ["a4.8", "a8"])
+def test_inductor_impl_equals_torch_impl_bit_for_bit(role: str, quant_mode: str) -> None:
+    latent = BitLinear(300, 45, role=role, quant_mode=quant_mode)
+    fused = PackedBitLinear.from_bitlinear(latent, impl="inductor")
+    eager = PackedBitLinear.from_bitlinear(latent, impl="torch")
+    for m in (1, 2, 7):  # fused GEMV for M ≤ 2, _int_mm above
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, 300, dtype=dtype)
+            got, want = fused(x), eager(x)
+            assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_dispatch_uses_the_fused_gemv_for_cpu_decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+
+    def counting(codes: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        calls.append(tuple(codes.shape))
+        return kcg.ternary_gemv_cpu(codes, packed, out_features)
+
+    monkeypatch.setattr(packed_bitlinear, "ternary_gemv_cpu", counting)
+    layer = PackedBitLinear.from_bitlinear(BitLinear(32, 12, role="qkv"))  # impl "auto"
+    layer(torch.randn(1, 1, 32))
+    layer(torch.randn(2, 32))
+    layer(torch.randn(3, 32))  # above GEMV_MAX_ROWS: _int_mm
+    assert calls == [(1, 32), (2, 32)]
+    layer.set_cpu_layout("int8")  # the int8 layout is a bare _int_mm
+    layer(torch.randn(1, 32))
+    layer.set_cpu_layout("packed")
+    layer.set_impl("torch")
+    layer(torch.randn(1, 32))
+    assert calls == [(1, 32), (2, 32)]
+
+
+def test_inductor_impl_needs_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packed_bitlinear, "cpu_compiler_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        PackedBitLinear(16, 8, role="qkv", impl="inductor")
+    layer = PackedBitLinear(16, 8, role="qkv")  # "auto" then takes the torch path
+    assert not layer._use_cpu_gemv(torch.zeros(1, 16))
