@@ -3,16 +3,19 @@
 Shape: the 2B-4T layers (hidden 2560, FFN 6912, 20 heads, 5 KV heads, vocabulary 128256, tied embeddings) with
 few layers (``--layers``, default 4). Every model holds random weights. Models:
 
-- ``a4.8 packed`` / ``a4.8 int8``: ``BitNetA48ForCausalLM`` with ``weight_format="packed"``, ``cpu_layout`` "packed"
-  (2-bit weights only) or "int8" (plus the int8 code cache), ``kv_cache_bits=None`` (plain ``DynamicCache``).
-- ``a4.8 int8 + KV3``: the same int8 model with the default 3-bit KV cache (``kv_cache_bits=3``).
+- ``a4.8 packed``: ``BitNetA48ForCausalLM`` with ``weight_format="packed"``, weights held at 2 bits
+  (``cpu_layout="packed"``), ``impl="inductor"`` (what ``"auto"`` picks on CPU: the fused GEMV of
+  ``kernels_cpu_gemv`` for M ≤ 2, ``_int_mm`` on unpacked chunks above), ``kv_cache_bits=None`` (``DynamicCache``).
+- ``a4.8 packed, eager``: the same with ``impl="torch"`` (``_int_mm`` on unpacked chunks at every M).
+- ``a4.8 int8``: ``cpu_layout="int8"`` (an int8 copy of the codes beside the packed bytes, bare ``_int_mm``).
+- ``a4.8 packed + KV3``: ``a4.8 packed`` with the default 3-bit KV cache (``kv_cache_bits=3``).
 - ``LLaMA bf16`` / ``LLaMA fp32``: ``LlamaForCausalLM`` (SiLU, no SubLN).
 - ``HF BitNet bitlinear``: ``BitNetForCausalLM`` whose projections ``replace_with_bitnet_linear`` turned into
   ``BitLinear`` (packed uint8, unpacked to bf16 every forward); ``HF BitNet autobitlinear``: offline
   ``AutoBitLinear`` (ternary bf16 weights times ``weight_scale``). Their ``torch.compile`` warm-up is not timed.
 
 Timing: greedy ``generate`` after a 16-token prompt (``min_new_tokens`` = max, so EOS never stops it); one short
-generate per model and batch size first (warm-up, compile). Each round times, per model, ``generate`` of 1 token
+generate per model and batch size first (warm-up, compilation). Each round times, per model, ``generate`` of 1 token
 (prefill + first token) and of ``--new-tokens`` tokens; a decode step is their difference divided by the extra
 tokens, so prefill is excluded (transformers' ``BitLinear`` takes seconds per step: ``--bitlinear-new-tokens``,
 default 8). The models are timed interleaved, ``--reps`` rounds, and the ratio to LLaMA bf16 is the median of the
@@ -53,8 +56,9 @@ PROMPT_LEN = 16
 BASELINE = "LLaMA bf16"
 MODELS = (
     "a4.8 packed",
+    "a4.8 packed, eager",
     "a4.8 int8",
-    "a4.8 int8 + KV3",
+    "a4.8 packed + KV3",
     "LLaMA bf16",
     "LLaMA fp32",
     "HF BitNet bitlinear",
@@ -88,13 +92,15 @@ def _random_ternary(out_features: int, in_features: int, gen: torch.Generator) -
     return torch.randint(-1, 2, (out_features, in_features), generator=gen, dtype=torch.int8)
 
 
-def build_ours(layers: int, cpu_layout: str, dtype: torch.dtype, gen: torch.Generator) -> BitNetA48ForCausalLM:
+def build_ours(
+    layers: int, cpu_layout: str, impl: str, dtype: torch.dtype, gen: torch.Generator
+) -> BitNetA48ForCausalLM:
     """Packed a4.8 model: random ternary codes, α = 0.02; embeddings, norms and lm_head in ``dtype``."""
     config = config_from_preset("2B-4T", num_hidden_layers=layers, weight_format="packed", kv_cache_bits=None)
     model = BitNetA48ForCausalLM._from_config(config, dtype=dtype).eval()
     for module in model.modules():
         if isinstance(module, PackedBitLinear):
-            module.set_impl("torch")
+            module.set_impl(impl)
             module.weight.copy_(pack_ternary(_random_ternary(module.out_features, module.in_features, gen)))
             module.weight_scale.fill_(WEIGHT_STD)
             module.set_cpu_layout(cpu_layout)
@@ -132,11 +138,13 @@ def build(label: str, layers: int, ours_dtype: torch.dtype) -> Entry:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         if label == "a4.8 packed":
-            return Entry(label, build_ours(layers, "packed", ours_dtype, gen))
+            return Entry(label, build_ours(layers, "packed", "inductor", ours_dtype, gen))
+        if label == "a4.8 packed, eager":
+            return Entry(label, build_ours(layers, "packed", "torch", ours_dtype, gen))
         if label == "a4.8 int8":
-            return Entry(label, build_ours(layers, "int8", ours_dtype, gen))
-        if label == "a4.8 int8 + KV3":
-            return Entry(label, build_ours(layers, "int8", ours_dtype, gen), kv_cache_bits=3)
+            return Entry(label, build_ours(layers, "int8", "torch", ours_dtype, gen))
+        if label == "a4.8 packed + KV3":
+            return Entry(label, build_ours(layers, "packed", "inductor", ours_dtype, gen), kv_cache_bits=3)
         if label == "LLaMA bf16":
             return Entry(label, build_llama(layers, torch.bfloat16))
         if label == "LLaMA fp32":
