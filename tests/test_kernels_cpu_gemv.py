@@ -33,8 +33,18 @@ def test_gemv_equals_integer_reference(m: int, n: int, k: int) -> None:
     assert torch.equal(got, _packed_int8_matmul(codes, packed, n))
 
 
-def test_gemv_sums_over_several_k_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kcg, "K_SLICE", 64)  # 300 = 64·4 + 44: five compiled calls per row
+def test_k_pieces_cover_k_with_pieces_of_at_most_k_slice() -> None:
+    assert kcg._k_pieces(2560) == [(0, 1, 2560)]
+    assert kcg._k_pieces(4096) == [(0, 1, 4096)]
+    assert kcg._k_pieces(6912) == [(0, 2, 3456)]  # 2B-4T down_proj
+    assert kcg._k_pieces(11008) == [(0, 4, 2752)]  # 7B down_proj
+    assert kcg._k_pieces(4099) == [(0, 1, 4096), (4096, 1, 3)]  # prime: main part and remainder
+
+
+@pytest.mark.parametrize("min_piece", [16, 512])  # 300 = 5·60 (equal pieces) or 4·64 + 44 (main + remainder)
+def test_gemv_sums_over_several_k_pieces(monkeypatch: pytest.MonkeyPatch, min_piece: int) -> None:
+    monkeypatch.setattr(kcg, "K_SLICE", 64)
+    monkeypatch.setattr(kcg, "MIN_PIECE", min_piece)
     codes = torch.randint(-128, 128, (2, 300), dtype=torch.int8)
     w = _ternary(45, 300)
     assert torch.equal(kcg.ternary_gemv_cpu(codes, pack_ternary(w), 45), codes.int() @ w.int().t())

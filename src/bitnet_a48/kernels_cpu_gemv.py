@@ -9,16 +9,25 @@ activation codes ``a [K]`` (``packing.py`` layout, fields ``f_i = w + 1 ∈ {0, 
     y[i·R + r] = s_i[r] − Σ_k a[k]                          w = f − 1
 
 Inductor vectorises the loop (16 bytes a step, shift / and / convert / multiply-add in fp32 lanes). The sums are
-exact: every product is an integer of magnitude at most 2·128, so every partial sum of K ≤ 65536 terms is an
-integer below 2^24, which fp32 holds exactly in any order. K is fed in slices of at most 4096 columns: above that
-inductor switches a float sum to cascade summation (for accuracy, which exact integers do not need), about 3×
-slower here.
+exact: every product is an integer of magnitude at most 2·128, so every partial sum of K ≤ 65535 terms is an
+integer below 2^24, which fp32 holds exactly in any order.
+
+Two details keep the loop fast (one CPU thread, weights streamed from memory as in a model):
+
+- A float sum over more than 4096 elements makes inductor switch to cascade summation (for accuracy, which exact
+  integers do not need), about 3× slower. K is therefore viewed as ``[n, c]`` with ``c ≤ 4096`` (the smallest n
+  that divides K; two pieces for 6912, four for 11008): a sum over c, then over n, while every packed row is still
+  read front to back. Column slices of the row-major weights (each row read in pieces, in separate passes) were
+  1.5-2× slower once the weights came from memory rather than cache. A K with no such divisor of at least
+  ``MIN_PIECE`` columns is split into a viewed main part and one remainder slice.
+- The activations enter as fp32 while K ≤ 4096 (16 KiB, in L1 beside the streamed row) and as int8 codes above,
+  converted in the loop (K = 6912 as fp32, 27 KiB, was evicted by the weight stream: 0.66 against 0.50 ms).
 
 The cost grows with M (each row of ``a`` re-reads the packed row from L1), while ``_int_mm`` amortises the unpacking
 over M: the fused GEMV is used for M ≤ ``GEMV_MAX_ROWS`` and ``_int_mm`` above (BENCHMARKS.md, crossover measured
-between M = 2 and 4). The compiled function is built on first use, with dynamic shapes (one compilation for all
-layer shapes; a few seconds, cached on disk by inductor); it needs the C++ compiler inductor uses
-(:func:`cpu_compiler_available`).
+between M = 2 and 4). The compiled function is built on first use with dynamic shapes: a handful of compilations
+cover every layer shape (fp32 or int8 activations, one piece or several; a few seconds each, cached on disk by
+inductor). It needs the C++ compiler inductor uses (:func:`cpu_compiler_available`).
 """
 
 from __future__ import annotations
@@ -34,17 +43,21 @@ from .packing import BITS_PER_VALUE, CODE_MASK, VALUES_PER_BYTE
 
 # Rows of activations up to which the fused GEMV beats _int_mm on unpacked chunks (one CPU thread).
 GEMV_MAX_ROWS = 2
-# Columns per compiled call: at most 4096 keeps inductor's fp32 sum a plain vector sum (module docstring).
+# Columns summed per piece: at most 4096 keeps inductor's fp32 sum a plain vector sum (module docstring).
 K_SLICE = 4096
+# Smallest piece of a K split into equal pieces; below it the main part and a remainder are summed apart.
+MIN_PIECE = 512
 # Exactness bound of the fp32 accumulation: K · 2 · 128 < 2^24.
 GEMV_MAX_K = 65535
 
 
 def _plane_sums(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``s_i[r] = Σ_k a[k] · field_i(packed[r, k])``, fp32 ``[4, R]``, for fp32 ``a [K]``, uint8 ``packed [R, K]``."""
+    """``s_i[r] = Σ a · field_i(packed[r])``, fp32 ``[4, R]``, for ``a [n, c]`` (fp32 or int8), ``packed [R, n, c]``."""
     words = packed.to(torch.int32)
+    a = a.to(torch.float32)
     sums = [
-        (((words >> (BITS_PER_VALUE * i)) & CODE_MASK).to(torch.float32) * a).sum(-1) for i in range(VALUES_PER_BYTE)
+        (((words >> (BITS_PER_VALUE * i)) & CODE_MASK).to(torch.float32) * a).sum(-1).sum(-1)
+        for i in range(VALUES_PER_BYTE)
     ]
     return torch.stack(sums)
 
@@ -52,6 +65,19 @@ def _plane_sums(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _compiled_plane_sums() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return torch.compile(_plane_sums, dynamic=True, fullgraph=True)
+
+
+def _k_pieces(k: int) -> list[tuple[int, int, int]]:
+    """``(start, n, c)`` column ranges ``[start, start + n·c)`` viewed as ``[n, c]``, covering ``[0, k)``."""
+    if k <= K_SLICE:
+        return [(0, 1, k)]
+    n = -(-k // K_SLICE)
+    while k % n:
+        n += 1
+    if k // n >= MIN_PIECE:
+        return [(0, n, k // n)]
+    main = k - k % K_SLICE
+    return [(0, main // K_SLICE, K_SLICE), (main, 1, k - main)]
 
 
 @functools.cache
@@ -85,13 +111,17 @@ def ternary_gemv_cpu(codes: torch.Tensor, packed: torch.Tensor, out_features: in
     if k > GEMV_MAX_K:
         raise ValueError(f"the fused CPU GEMV is exact only for K <= {GEMV_MAX_K}, got K = {k}")
     plane_sums = _compiled_plane_sums()
-    a = codes.to(torch.float32)
+    pieces = _k_pieces(k)
+    a = codes.to(torch.float32) if k <= K_SLICE else codes  # module docstring: fp32 only while it fits in L1
+    row_sums = codes.sum(dim=-1, dtype=torch.int32)  # (M,): Σ a, for w = f − 1
     out = torch.empty((m, VALUES_PER_BYTE * rows), dtype=torch.int32)
     with torch.no_grad():
         for row in range(m):
             sums = None
-            for k0 in range(0, k, K_SLICE):
-                part = plane_sums(a[row, k0 : k0 + K_SLICE], packed[:, k0 : k0 + K_SLICE])
+            for start, n, c in pieces:
+                part = plane_sums(
+                    a[row, start : start + n * c].view(n, c), packed[:, start : start + n * c].unflatten(1, (n, c))
+                )
                 sums = part if sums is None else sums + part
-            out[row] = (sums.reshape(-1) - a[row].sum()).to(torch.int32)  # output n = i·R + r
+            out[row] = sums.reshape(-1).to(torch.int32) - row_sums[row]  # output n = i·R + r
     return out[:, :out_features]
