@@ -7,6 +7,13 @@ its input quantiser (the a4.8 quantiser of the projection's role); F.linear quan
 
     python benchmarks/bench_linear.py --quick            # M in {1, 16}
     python benchmarks/bench_linear.py --m 1 16 128 2048  # the full table (slow on a 2-core CPU)
+    python benchmarks/bench_linear.py --quick --cold     # weights streamed from memory, as in a whole model
+
+CPU methods: the packed layer with ``impl="inductor"`` (the fused GEMV of ``kernels_cpu_gemv`` for M ≤ 2, else the
+``_int_mm`` path), with ``impl="torch"`` (``_int_mm`` on unpacked chunks), and with the int8 code cache. By default
+every call reuses one weight tensor, which then sits in the CPU's last-level cache; ``--cold`` cycles through copies
+of the weights (at least ``--cold-mib`` per method) so that each call reads them from memory, as a decode step
+through a whole model does.
 
 On CUDA it times with ``triton.testing.do_bench`` and runs the packed layer with ``impl="triton"``.
 """
@@ -14,6 +21,7 @@ On CUDA it times with ``triton.testing.do_bench`` and runs the packed layer with
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +34,7 @@ from bitnet_a48 import config_from_preset
 from bitnet_a48.packed_bitlinear import PackedBitLinear
 from bitnet_a48.packing import pack_ternary, weight_bytes
 
-Method = tuple[Callable[[torch.Tensor], torch.Tensor], int]  # (forward, weight bytes)
+Method = tuple[Callable[[torch.Tensor], torch.Tensor], int]  # (forward, weight bytes of one copy)
 
 
 @dataclass(frozen=True)
@@ -71,27 +79,45 @@ def time_cuda(fn: Callable[[], object], reps: int) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=20 * max(reps, 1), return_mode="median") / 1e3
 
 
-def make_methods(shape: Shape, device: torch.device) -> dict[str, Method]:
-    """The dense baselines and the packed layer(s) of one shape, with random weights."""
+def _cycle(fns: list[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One callable that calls ``fns`` in turn (copies of one method with distinct weights)."""
+    turn = itertools.cycle(fns)
+    return lambda x: next(turn)(x)
+
+
+def make_methods(shape: Shape, device: torch.device, cold_bytes: int) -> dict[str, Method]:
+    """The dense baselines and the packed layer(s) of one shape, with random weights.
+
+    With ``cold_bytes > 0`` each method holds enough copies of its weights to span that many bytes and uses them in
+    turn, so that no call finds its weights in the cache.
+    """
     gen = torch.Generator().manual_seed(0)
     n, k = shape.out_features, shape.in_features
     w_fp32 = (torch.randn(n, k, generator=gen) * 0.02).to(device)
-    w_bf16 = w_fp32.to(torch.bfloat16)
     packed = pack_ternary(torch.randint(-1, 2, (n, k), generator=gen, dtype=torch.int8)).to(device)
-    methods: dict[str, Method] = {
-        "fp32 F.linear": (lambda x: F.linear(x, w_fp32), 4 * n * k),
-        "bf16 F.linear": (lambda x: F.linear(x, w_bf16), 2 * n * k),
-    }
+
+    def copies(nbytes: int) -> int:
+        return max(1, -(-cold_bytes // nbytes))
+
+    dense = {"fp32 F.linear": torch.float32, "bf16 F.linear": torch.bfloat16}
+    methods: dict[str, Method] = {}
+    for label, dtype in dense.items():
+        weights = [w_fp32.to(dtype).clone() for _ in range(copies(w_fp32.numel() * dtype.itemsize))]
+        methods[label] = (_cycle([lambda x, w=w: F.linear(x, w) for w in weights]), weights[0].numel() * dtype.itemsize)
     variants = {"packed, triton": ("triton", "packed")} if device.type == "cuda" else {
-        "packed, 2-bit": ("torch", "packed"),
+        "packed, fused GEMV": ("inductor", "packed"),
+        "packed, _int_mm": ("torch", "packed"),
         "packed, int8 cache": ("torch", "int8"),
     }
     for label, (impl, layout) in variants.items():
-        layer = PackedBitLinear(k, n, role=shape.role, impl=impl, device=device)
-        layer.weight.copy_(packed)
-        layer.weight_scale.fill_(0.02)
-        layer.set_cpu_layout(layout)
-        methods[label] = (layer, sum(layer.weight_nbytes().values()))
+        layers = []
+        while len(layers) < copies(packed.numel() * (5 if layout == "int8" else 1)):
+            layer = PackedBitLinear(k, n, role=shape.role, impl=impl, device=device)
+            layer.weight.copy_(packed)
+            layer.weight_scale.fill_(0.02)
+            layer.set_cpu_layout(layout)
+            layers.append(layer)
+        methods[label] = (_cycle(layers), sum(layers[0].weight_nbytes().values()))
     return methods
 
 
@@ -101,12 +127,13 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     m_values = [1, 16] if args.quick else args.m
     shapes = [s for s in SHAPES if args.preset in (None, s.preset)]
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, M in {m_values}")
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, M in {m_values}, "
+          + (f"weights cycled over {args.cold_mib} MiB per method (--cold)" if args.cold else "weights reused"))
     print("| shape (preset, out x in) | M | method | time (ms) | bf16 time / time | fp32 time / time | weight MiB |")
     print("|---|---|---|---|---|---|---|")
     with torch.no_grad():
         for shape in shapes:
-            methods = make_methods(shape, device)
+            methods = make_methods(shape, device, args.cold_mib * 2**20 if args.cold else 0)
             for m in m_values:
                 x = torch.randn(m, shape.in_features, device=device)
                 xs = {"bf16 F.linear": x.to(torch.bfloat16)}  # each method gets its input dtype, not timed
@@ -142,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=7, help="repetitions per measurement (the median is kept)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
+    parser.add_argument("--cold", action="store_true", help="cycle through copies of the weights (read from memory)")
+    parser.add_argument("--cold-mib", type=int, default=128, help="bytes of weight copies per method with --cold")
     run(parser.parse_args(argv))
 
 
