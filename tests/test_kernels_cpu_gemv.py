@@ -113,3 +113,26 @@ def test_inductor_impl_needs_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None
         PackedBitLinear(16, 8, role="qkv", impl="inductor")
     layer = PackedBitLinear(16, 8, role="qkv")  # "auto" then takes the torch path
     assert not layer._use_cpu_gemv(torch.zeros(1, 16))
+
+
+def test_packed_model_decodes_the_same_with_the_fused_gemv(tiny_config_kwargs: dict) -> None:
+    from bitnet_a48 import create_model
+
+    model = create_model(**tiny_config_kwargs, quant_mode="a8").eval().pack()
+    ids = torch.randint(3, 101, (1, 6))
+
+    def run(impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in model.projections().values():
+            layer.set_impl(impl)
+        with torch.inference_mode():  # generate's decode steps are M = 1: the fused GEMV under "inductor"
+            tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+            logits = model(tokens[:, -1:]).logits
+        return tokens, logits
+
+    fused, eager = run("inductor"), run("torch")
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
+    compiled = torch.compile(model)
+    for layer in model.projections().values():
+        layer.set_impl("inductor")
+    with torch.no_grad():
+        assert torch.allclose(compiled(ids[:, :1]).logits, model(ids[:, :1]).logits, atol=1e-5)
