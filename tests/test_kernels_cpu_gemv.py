@@ -8,7 +8,7 @@ import torch
 from bitnet_a48 import kernels_cpu_gemv as kcg
 from bitnet_a48 import packed_bitlinear
 from bitnet_a48.bitlinear import BitLinear
-from bitnet_a48.packed_bitlinear import PackedBitLinear, _packed_int8_matmul
+from bitnet_a48.packed_bitlinear import PackedBitLinear, _packed_int8_matmul, ternary_matmul_torch
 from bitnet_a48.packing import pack_ternary
 from bitnet_a48.quantization import ROLES
 
@@ -20,34 +20,49 @@ def _ternary(out_features: int, in_features: int) -> torch.Tensor:
     return torch.randint(-1, 2, (out_features, in_features), dtype=torch.int8)
 
 
+def _ones(m: int) -> torch.Tensor:
+    return torch.ones(m, 1)
+
+
 @pytest.mark.parametrize("m", [1, 2, 3])
 @pytest.mark.parametrize("n, k", [(45, 300), (64, 17), (5, 1), (8, 4100)])
 def test_gemv_equals_integer_reference(m: int, n: int, k: int) -> None:
     codes = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     w = _ternary(n, k)
     packed = pack_ternary(w)
-    got = kcg.ternary_gemv_cpu(codes, packed, n)
-    want = codes.int() @ w.int().t()  # exact in int32
-    assert got.dtype == torch.int32 and got.shape == (m, n)
+    got = kcg.ternary_gemv_cpu(codes, _ones(m), packed, n)
+    want = (codes.int() @ w.int().t()).float()  # exact in int32, then exactly representable in fp32
+    assert got.dtype == torch.float32 and got.shape == (m, n)
     assert torch.equal(got, want)
-    assert torch.equal(got, _packed_int8_matmul(codes, packed, n))
+    assert torch.equal(_packed_int8_matmul(codes, packed, n).float(), want)
 
 
-def test_k_pieces_cover_k_with_pieces_of_at_most_k_slice() -> None:
-    assert kcg._k_pieces(2560) == [(0, 1, 2560)]
-    assert kcg._k_pieces(4096) == [(0, 1, 4096)]
-    assert kcg._k_pieces(6912) == [(0, 2, 3456)]  # 2B-4T down_proj
-    assert kcg._k_pieces(11008) == [(0, 4, 2752)]  # 7B down_proj
-    assert kcg._k_pieces(4099) == [(0, 1, 4096), (4096, 1, 3)]  # prime: main part and remainder
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_gemv_epilogue_equals_the_torch_reference_bit_for_bit(out_dtype: torch.dtype) -> None:
+    codes = torch.randint(-128, 128, (2, 300), dtype=torch.int8)
+    packed = pack_ternary(_ternary(45, 300))
+    scale = torch.rand(2, 1) * 1e-3 + 1e-5
+    got = kcg.ternary_gemv_cpu(codes, scale, packed, 45, out_dtype)
+    assert got.dtype == out_dtype
+    assert torch.equal(got, ternary_matmul_torch(codes, scale, packed, 45, out_dtype))
 
 
-@pytest.mark.parametrize("min_piece", [16, 512])  # 300 = 5·60 (equal pieces) or 4·64 + 44 (main + remainder)
-def test_gemv_sums_over_several_k_pieces(monkeypatch: pytest.MonkeyPatch, min_piece: int) -> None:
+def test_k_pieces_split_k_into_equal_pieces_of_at_most_k_slice() -> None:
+    assert kcg._k_pieces(2560) == (1, 2560)
+    assert kcg._k_pieces(4096) == (1, 4096)
+    assert kcg._k_pieces(6912) == (2, 3456)  # 2B-4T down_proj
+    assert kcg._k_pieces(11008) == (4, 2752)  # 7B down_proj
+    assert kcg._k_pieces(4099) is None  # prime: pieces of one column; such layers take _int_mm
+    assert kcg.gemv_supported(6912) and not kcg.gemv_supported(4099) and not kcg.gemv_supported(65536)
+
+
+def test_gemv_sums_over_several_k_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kcg, "K_SLICE", 64)
-    monkeypatch.setattr(kcg, "MIN_PIECE", min_piece)
+    monkeypatch.setattr(kcg, "MIN_PIECE", 16)  # 300 = 5 pieces of 60
     codes = torch.randint(-128, 128, (2, 300), dtype=torch.int8)
     w = _ternary(45, 300)
-    assert torch.equal(kcg.ternary_gemv_cpu(codes, pack_ternary(w), 45), codes.int() @ w.int().t())
+    got = kcg.ternary_gemv_cpu(codes, _ones(2), pack_ternary(w), 45)
+    assert torch.equal(got, (codes.int() @ w.int().t()).float())
 
 
 def test_gemv_exact_at_the_largest_k() -> None:
@@ -56,21 +71,24 @@ def test_gemv_exact_at_the_largest_k() -> None:
     codes = torch.full((1, k), -128, dtype=torch.int8)
     w = torch.ones(4, k, dtype=torch.int8)
     w[1] = -1
-    got = kcg.ternary_gemv_cpu(codes, pack_ternary(w), 4)
-    assert torch.equal(got, torch.tensor([[-128 * k, 128 * k, -128 * k, -128 * k]], dtype=torch.int32))
+    got = kcg.ternary_gemv_cpu(codes, _ones(1), pack_ternary(w), 4)
+    assert torch.equal(got, torch.tensor([[-128.0 * k, 128.0 * k, -128.0 * k, -128.0 * k]]))
 
 
 def test_gemv_rejects_bad_inputs() -> None:
     packed = pack_ternary(_ternary(8, 16))
     codes = torch.zeros(1, 16, dtype=torch.int8)
     with pytest.raises(TypeError, match="int8 codes and uint8"):
-        kcg.ternary_gemv_cpu(codes.float(), packed, 8)
+        kcg.ternary_gemv_cpu(codes.float(), _ones(1), packed, 8)
     with pytest.raises(ValueError, match="do not fit"):
-        kcg.ternary_gemv_cpu(torch.zeros(1, 15, dtype=torch.int8), packed, 8)
+        kcg.ternary_gemv_cpu(torch.zeros(1, 15, dtype=torch.int8), _ones(1), packed, 8)
     with pytest.raises(ValueError, match="do not fit"):
-        kcg.ternary_gemv_cpu(codes, packed, 9)
-    with pytest.raises(ValueError, match="K <= 65535"):
-        kcg.ternary_gemv_cpu(torch.zeros(1, 65536, dtype=torch.int8), torch.zeros(1, 65536, dtype=torch.uint8), 4)
+        kcg.ternary_gemv_cpu(codes, _ones(1), packed, 9)
+    with pytest.raises(ValueError, match="do not fit"):
+        kcg.ternary_gemv_cpu(codes, _ones(2), packed, 8)
+    for k in (4099, 65536):  # a prime K; beyond the exactness bound
+        with pytest.raises(ValueError, match=f"K = {k}"):
+            kcg.ternary_gemv_cpu(torch.zeros(1, k, dtype=torch.int8), _ones(1), torch.zeros(1, k, dtype=torch.uint8), 4)
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -89,9 +107,9 @@ def test_inductor_impl_equals_torch_impl_bit_for_bit(role: str, quant_mode: str)
 def test_dispatch_uses_the_fused_gemv_for_cpu_decode_only(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, ...]] = []
 
-    def counting(codes: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    def counting(codes: torch.Tensor, *args: object) -> torch.Tensor:
         calls.append(tuple(codes.shape))
-        return kcg.ternary_gemv_cpu(codes, packed, out_features)
+        return kcg.ternary_gemv_cpu(codes, *args)
 
     monkeypatch.setattr(packed_bitlinear, "ternary_gemv_cpu", counting)
     layer = PackedBitLinear.from_bitlinear(BitLinear(32, 12, role="qkv"))  # impl "auto"

@@ -6,11 +6,14 @@ through the cache twice. Here one loop over each packed row does it all in regis
 activation codes ``a [K]`` (``packing.py`` layout, fields ``f_i = w + 1 ∈ {0, 1, 2}`` of output row ``i·R + r``)::
 
     s_i[r] = Σ_k a[k] · ((packed[r, k] >> 2i) & 3)         i = 0..3, four accumulators, one load per byte
-    y[i·R + r] = s_i[r] − Σ_k a[k]                          w = f − 1
+    y[i·R + r] = (s_i[r] − Σ_k a[k]) · scale                w = f − 1, scale = x_scale · α
 
 Inductor vectorises the loop (16 bytes a step, shift / and / convert / multiply-add in fp32 lanes). The sums are
 exact: every product is an integer of magnitude at most 2·128, so every partial sum of K ≤ 65535 terms is an
-integer below 2^24, which fp32 holds exactly in any order.
+integer below 2^24, which fp32 holds exactly in any order; the epilogue then multiplies the exact integer by the
+same fp32 scale as ``packed_bitlinear.ternary_matmul_torch``, so the two agree bit for bit. Rows and epilogue run
+in the one compiled call (each compiled call costs ~25 µs of guards and wrappers on this CPU, as much as a small
+projection's loop).
 
 Two details keep the loop fast (one CPU thread, weights streamed from memory as in a model):
 
@@ -18,8 +21,9 @@ Two details keep the loop fast (one CPU thread, weights streamed from memory as 
   integers do not need), about 3× slower. K is therefore viewed as ``[n, c]`` with ``c ≤ 4096`` (the smallest n
   that divides K; two pieces for 6912, four for 11008): a sum over c, then over n, while every packed row is still
   read front to back. Column slices of the row-major weights (each row read in pieces, in separate passes) were
-  1.5-2× slower once the weights came from memory rather than cache. A K with no such divisor of at least
-  ``MIN_PIECE`` columns is split into a viewed main part and one remainder slice.
+  1.5-2× slower once the weights came from memory rather than cache. A K above 4096 with no divisor piece of at
+  least ``MIN_PIECE`` columns (a prime K, say) is not served here: :func:`gemv_supported` is false and the layer
+  takes ``_int_mm``.
 - The activations enter as fp32 while K ≤ 4096 (16 KiB, in L1 beside the streamed row) and as int8 codes above,
   converted in the loop (K = 6912 as fp32, 27 KiB, was evicted by the weight stream: 0.66 against 0.50 ms).
 
@@ -45,39 +49,48 @@ from .packing import BITS_PER_VALUE, CODE_MASK, VALUES_PER_BYTE
 GEMV_MAX_ROWS = 2
 # Columns summed per piece: at most 4096 keeps inductor's fp32 sum a plain vector sum (module docstring).
 K_SLICE = 4096
-# Smallest piece of a K split into equal pieces; below it the main part and a remainder are summed apart.
+# Smallest piece of a K above K_SLICE split into equal pieces.
 MIN_PIECE = 512
 # Exactness bound of the fp32 accumulation: K · 2 · 128 < 2^24.
 GEMV_MAX_K = 65535
 
 
-def _plane_sums(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``s_i[r] = Σ a · field_i(packed[r])``, fp32 ``[4, R]``, for ``a [n, c]`` (fp32 or int8), ``packed [R, n, c]``."""
-    words = packed.to(torch.int32)
-    a = a.to(torch.float32)
+def _gemv(a: torch.Tensor, packed: torch.Tensor, row_sums: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 ``[M, 4R]``: ``(Σ a · field_i(packed) − Σ a) · scale`` in the order ``i·R + r`` (module docstring).
+
+    Args:
+        a: ``[M, n, c]`` activation codes, fp32 or int8.
+        packed: uint8 ``[R, n, c]`` (the packed rows with K viewed as n pieces of c).
+        row_sums: fp32 ``[M, 1]``, ``Σ_k a``.
+        scale: fp32 ``[M, 1]``.
+    """
+    words = packed.to(torch.int32).unsqueeze(0)  # (1, R, n, c)
+    a = a.to(torch.float32).unsqueeze(1)  # (M, 1, n, c)
     sums = [
-        (((words >> (BITS_PER_VALUE * i)) & CODE_MASK).to(torch.float32) * a).sum(-1).sum(-1)
+        (((words >> (BITS_PER_VALUE * i)) & CODE_MASK).to(torch.float32) * a).sum(-1).sum(-1)  # (M, R)
         for i in range(VALUES_PER_BYTE)
     ]
-    return torch.stack(sums)
+    return (torch.cat(sums, dim=1) - row_sums) * scale
 
 
 @functools.cache
-def _compiled_plane_sums() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    return torch.compile(_plane_sums, dynamic=True, fullgraph=True)
+def _compiled_gemv() -> Callable[..., torch.Tensor]:
+    return torch.compile(_gemv, dynamic=True, fullgraph=True)
 
 
-def _k_pieces(k: int) -> list[tuple[int, int, int]]:
-    """``(start, n, c)`` column ranges ``[start, start + n·c)`` viewed as ``[n, c]``, covering ``[0, k)``."""
+def _k_pieces(k: int) -> tuple[int, int] | None:
+    """``(n, c)`` with ``n · c = k``, ``c ≤ K_SLICE`` and n smallest; None when such pieces would be too short."""
     if k <= K_SLICE:
-        return [(0, 1, k)]
+        return (1, k)
     n = -(-k // K_SLICE)
     while k % n:
         n += 1
-    if k // n >= MIN_PIECE:
-        return [(0, n, k // n)]
-    main = k - k % K_SLICE
-    return [(0, main // K_SLICE, K_SLICE), (main, 1, k - main)]
+    return (n, k // n) if k // n >= MIN_PIECE else None
+
+
+def gemv_supported(in_features: int) -> bool:
+    """Whether :func:`ternary_gemv_cpu` serves layers with this K (exactness bound and K pieces)."""
+    return in_features <= GEMV_MAX_K and _k_pieces(in_features) is not None
 
 
 @functools.cache
@@ -87,13 +100,21 @@ def cpu_compiler_available() -> bool:
     return any(shutil.which(name) for name in names)
 
 
-def ternary_gemv_cpu(codes: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """``codes @ w^T`` in int32 from the packed weights, equal to ``packed_bitlinear._packed_int8_matmul``.
+def ternary_gemv_cpu(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    packed: torch.Tensor,
+    out_features: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``y = (codes @ w^T) · scale`` from the packed weights, equal to ``packed_bitlinear.ternary_matmul_torch``.
 
     Args:
         codes: int8 ``[M, K]`` activation codes on the CPU (any M; meant for M ≤ ``GEMV_MAX_ROWS``).
+        scale: fp32 ``[M, 1]`` (or ``[M]``): ``x_scale · α``.
         packed: uint8 ``[ceil(N/4), K]`` packed ternary weights (``packing.py`` layout).
         out_features: N.
+        out_dtype: dtype of ``y``.
     """
     if codes.device.type != "cpu" or packed.device.type != "cpu":
         raise ValueError(f"ternary_gemv_cpu runs on CPU tensors, got {codes.device} and {packed.device}")
@@ -103,25 +124,20 @@ def ternary_gemv_cpu(codes: torch.Tensor, packed: torch.Tensor, out_features: in
         )
     m, k = codes.shape
     rows = packed.shape[0]
-    if packed.shape[1] != k or VALUES_PER_BYTE * rows < out_features:
+    if packed.shape[1] != k or VALUES_PER_BYTE * rows < out_features or scale.numel() != m:
         raise ValueError(
-            f"packed weights of shape {tuple(packed.shape)} do not fit codes of shape {tuple(codes.shape)} and "
-            f"{out_features} outputs"
+            f"packed weights of shape {tuple(packed.shape)} and scale of shape {tuple(scale.shape)} do not fit codes "
+            f"of shape {tuple(codes.shape)} and {out_features} outputs"
         )
-    if k > GEMV_MAX_K:
-        raise ValueError(f"the fused CPU GEMV is exact only for K <= {GEMV_MAX_K}, got K = {k}")
-    plane_sums = _compiled_plane_sums()
     pieces = _k_pieces(k)
+    if k > GEMV_MAX_K or pieces is None:
+        raise ValueError(
+            f"the fused CPU GEMV takes K <= {GEMV_MAX_K} that splits into equal pieces of {MIN_PIECE} to {K_SLICE} "
+            f"columns, got K = {k} (gemv_supported)"
+        )
+    n, c = pieces
     a = codes.to(torch.float32) if k <= K_SLICE else codes  # module docstring: fp32 only while it fits in L1
-    row_sums = codes.sum(dim=-1, dtype=torch.int32)  # (M,): Σ a, for w = f − 1
-    out = torch.empty((m, VALUES_PER_BYTE * rows), dtype=torch.int32)
+    row_sums = codes.sum(dim=-1, keepdim=True, dtype=torch.int32).to(torch.float32)  # Σ a, exact
     with torch.no_grad():
-        for row in range(m):
-            sums = None
-            for start, n, c in pieces:
-                part = plane_sums(
-                    a[row, start : start + n * c].view(n, c), packed[:, start : start + n * c].unflatten(1, (n, c))
-                )
-                sums = part if sums is None else sums + part
-            out[row] = sums.reshape(-1).to(torch.int32) - row_sums[row]  # output n = i·R + r
-    return out[:, :out_features]
+        y = _compiled_gemv()(a.view(m, n, c), packed.view(rows, n, c), row_sums, scale.reshape(m, 1).float())
+    return y[:, :out_features].to(out_dtype)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .bitlinear import BitLinear, InputQuantizerMixin
-from .kernels_cpu_gemv import GEMV_MAX_K, GEMV_MAX_ROWS, cpu_compiler_available, ternary_gemv_cpu
+from .kernels_cpu_gemv import GEMV_MAX_ROWS, cpu_compiler_available, gemv_supported, ternary_gemv_cpu
 from .packing import (
     PACKED_ZERO_BYTE,
     VALUES_PER_BYTE,
@@ -315,7 +315,7 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
         # x: (M, K). The fused GEMV serves CPU decode with the weights held packed (module docstring).
         if x.device.type != "cpu" or self.cpu_layout != "packed" or x.shape[0] > GEMV_MAX_ROWS:
             return False
-        if x.shape[1] > GEMV_MAX_K:
+        if not gemv_supported(x.shape[1]):
             return False
         if self.impl == "auto":
             return cpu_compiler_available()
@@ -349,8 +349,7 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
 
             y = ternary_matmul_triton(codes, scale, self.weight, self.out_features, input.dtype)
         elif self._use_cpu_gemv(x):
-            acc = ternary_gemv_cpu(codes, self.weight, self.out_features)  # (M, N) int32
-            y = (acc.float() * scale).to(input.dtype)
+            y = ternary_gemv_cpu(codes, scale, self.weight, self.out_features, input.dtype)
         else:
             weight_int8 = None
             if self.cpu_layout == "int8" and input.device.type == "cpu":
