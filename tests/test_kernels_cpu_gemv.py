@@ -78,14 +78,16 @@ def test_gemv_exact_at_the_largest_k() -> None:
 def test_gemv_rejects_bad_inputs() -> None:
     packed = pack_ternary(_ternary(8, 16))
     codes = torch.zeros(1, 16, dtype=torch.int8)
-    with pytest.raises(TypeError, match="int8 codes and uint8"):
+    with pytest.raises(TypeError, match="must be int8"):
         kcg.ternary_gemv_cpu(codes.float(), _ones(1), packed, 8)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match=r"must have shape \(2, 15\)"):
         kcg.ternary_gemv_cpu(torch.zeros(1, 15, dtype=torch.int8), _ones(1), packed, 8)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match=r"must have shape \(3, 16\)"):
         kcg.ternary_gemv_cpu(codes, _ones(1), packed, 9)
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="one value per row"):
         kcg.ternary_gemv_cpu(codes, _ones(2), packed, 8)
+    with pytest.raises(ValueError, match="one value per row"):
+        kcg.ternary_gemv_cpu(codes, _ones(1).double(), packed, 8)
     for k in (4099, 65536):  # a prime K; beyond the exactness bound
         with pytest.raises(ValueError, match=f"K = {k}"):
             kcg.ternary_gemv_cpu(torch.zeros(1, k, dtype=torch.int8), _ones(1), torch.zeros(1, k, dtype=torch.uint8), 4)

@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import torch
 
-from .packing import BITS_PER_VALUE, CODE_MASK, VALUES_PER_BYTE
+from .packing import BITS_PER_VALUE, CODE_MASK, VALUES_PER_BYTE, check_matmul_operands
 
 # Rows of activations up to which the fused GEMV beats _int_mm on unpacked chunks (one CPU thread).
 GEMV_MAX_ROWS = 2
@@ -116,19 +116,10 @@ def ternary_gemv_cpu(
         out_features: N.
         out_dtype: dtype of ``y``.
     """
-    if codes.device.type != "cpu" or packed.device.type != "cpu":
+    m, k = check_matmul_operands(codes, scale, packed, out_features)
+    if codes.device.type != "cpu" or packed.device.type != "cpu" or scale.device.type != "cpu":
         raise ValueError(f"ternary_gemv_cpu runs on CPU tensors, got {codes.device} and {packed.device}")
-    if codes.dtype != torch.int8 or packed.dtype != torch.uint8:
-        raise TypeError(
-            f"ternary_gemv_cpu takes int8 codes and uint8 packed weights, got {codes.dtype} and {packed.dtype}"
-        )
-    m, k = codes.shape
     rows = packed.shape[0]
-    if packed.shape[1] != k or VALUES_PER_BYTE * rows < out_features or scale.numel() != m:
-        raise ValueError(
-            f"packed weights of shape {tuple(packed.shape)} and scale of shape {tuple(scale.shape)} do not fit codes "
-            f"of shape {tuple(codes.shape)} and {out_features} outputs"
-        )
     pieces = _k_pieces(k)
     if k > GEMV_MAX_K or pieces is None:
         raise ValueError(
@@ -139,5 +130,5 @@ def ternary_gemv_cpu(
     a = codes.to(torch.float32) if k <= K_SLICE else codes  # module docstring: fp32 only while it fits in L1
     row_sums = codes.sum(dim=-1, keepdim=True, dtype=torch.int32).to(torch.float32)  # Σ a, exact
     with torch.no_grad():
-        y = _compiled_gemv()(a.view(m, n, c), packed.view(rows, n, c), row_sums, scale.reshape(m, 1).float())
+        y = _compiled_gemv()(a.reshape(m, n, c), packed.reshape(rows, n, c), row_sums, scale.reshape(m, 1))
     return y[:, :out_features].to(out_dtype)

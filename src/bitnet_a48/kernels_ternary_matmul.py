@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from .packing import packed_rows
+from .packing import check_matmul_operands
 
 try:
     import triton
@@ -186,18 +186,7 @@ def _check_inputs(
 ) -> tuple[int, int, int]:
     from .kernels_act_quant import check_triton_device
 
-    if codes.dtype != torch.int8 or codes.dim() != 2:
-        raise TypeError(f"activation codes must be int8 [M, K], got {codes.dtype} {tuple(codes.shape)}")
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise TypeError(f"packed weights must be uint8 [ceil(N/4), K], got {packed.dtype} {tuple(packed.shape)}")
-    m, k = codes.shape
-    if packed.shape != (packed_rows(out_features), k):
-        raise ValueError(
-            f"packed weights of {out_features} outputs and {k} inputs must have shape "
-            f"{(packed_rows(out_features), k)}, got {tuple(packed.shape)}"
-        )
-    if scale.dtype != torch.float32 or scale.numel() != m:
-        raise ValueError(f"scale must be fp32 with one value per row ({m}), got {scale.dtype} {tuple(scale.shape)}")
+    m, k = check_matmul_operands(codes, scale, packed, out_features)
     if codes.stride(1) != 1 or packed.stride(1) != 1:
         raise ValueError("codes and packed weights must have unit stride along K")
     check_triton_device(codes, scale, packed)

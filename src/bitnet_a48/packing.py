@@ -112,6 +112,29 @@ def validate_packed(packed: torch.Tensor, out_features: int, name: str = "weight
 # ---------------------------------------------------------------------------------------------------------
 
 
+def check_matmul_operands(
+    codes: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor, out_features: int
+) -> tuple[int, int]:
+    """Check the operands of a ternary matmul ``(codes @ w^T) · scale`` and return ``(M, K)``.
+
+    ``codes`` int8 ``[M, K]``, ``scale`` fp32 with M values, ``packed`` uint8 ``[ceil(N/4), K]`` for N =
+    ``out_features``; the kernels add their own device and stride checks.
+    """
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise TypeError(f"activation codes must be int8 [M, K], got {codes.dtype} {tuple(codes.shape)}")
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise TypeError(f"packed weights must be uint8 [ceil(N/4), K], got {packed.dtype} {tuple(packed.shape)}")
+    m, k = codes.shape
+    if packed.shape != (packed_rows(out_features), k):
+        raise ValueError(
+            f"packed weights of {out_features} outputs and {k} inputs must have shape "
+            f"{(packed_rows(out_features), k)}, got {tuple(packed.shape)}"
+        )
+    if scale.dtype != torch.float32 or scale.numel() != m:
+        raise ValueError(f"scale must be fp32 with one value per row ({m}), got {scale.dtype} {tuple(scale.shape)}")
+    return m, k
+
+
 def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
     """``(out, in)`` of the seven BitLinear projections of one decoder layer of a BitNet a4.8 config."""
     hidden = config.hidden_size
