@@ -22,9 +22,10 @@ Implementations (``impl``, chosen explicitly; an exception is never swallowed to
   speed and memory of both).
 - ``"torch"`` on other devices: ``_int_mm`` where CUDA's constraints hold, else an fp32 matmul of the integer codes
   (exact while K·128·2 < 2^24).
-- ``"inductor"``: ``"torch"``, except that CPU decode (M ≤ ``kernels_cpu_gemv.GEMV_MAX_ROWS`` rows, weights held
-  packed) runs the fused GEMV of ``kernels_cpu_gemv``: one pass over the packed bytes, no unpacked buffer, compiled
-  by ``torch.compile`` on first use (needs a C++ compiler). Same integers as ``"torch"``.
+- ``"inductor"``: ``"torch"``, except that CPU decode (1 ≤ M ≤ ``kernels_cpu_gemv.GEMV_MAX_ROWS`` rows, weights held
+  packed, a K that ``kernels_cpu_gemv.gemv_supported`` accepts) runs the fused GEMV of ``kernels_cpu_gemv``: one
+  pass over the packed bytes, no unpacked buffer, compiled by ``torch.compile`` on first use (needs a C++
+  compiler). The outputs equal ``"torch"``'s bit for bit.
 - ``"triton"``: ``kernels_act_quant`` for the input quantiser (FP4 stays in torch), ``kernels_ternary_matmul`` on
   the packed weights (decode kernel for M ≤ 16).
 - ``"auto"``: Triton on CUDA tensors when Triton is importable; on CPU ``"inductor"`` when a C++ compiler is on the
@@ -313,7 +314,7 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
 
     def _use_cpu_gemv(self, x: torch.Tensor) -> bool:
         # x: (M, K). The fused GEMV serves CPU decode with the weights held packed (module docstring).
-        if x.device.type != "cpu" or self.cpu_layout != "packed" or x.shape[0] > GEMV_MAX_ROWS:
+        if x.device.type != "cpu" or self.cpu_layout != "packed" or not 0 < x.shape[0] <= GEMV_MAX_ROWS:
             return False
         if not gemv_supported(x.shape[1]):
             return False
