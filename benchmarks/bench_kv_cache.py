@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from bitnet_a48 import BitNetA48Config
+from bitnet_a48.cache_argument import GENERATE_CACHE_KEY
 from bitnet_a48.cache_bitnet_a48 import BitNetA48QuantizedCache
 from bitnet_a48.data import load_corpus, pack_documents
 from bitnet_a48.modeling_bitnet_a48 import BitNetA48ForCausalLM
@@ -166,10 +167,10 @@ def bench_speed(context: int = 1024) -> dict[str, float]:
     with torch.no_grad():
         for name, make in (("dynamic", DynamicCache), ("quantised", lambda: BitNetA48QuantizedCache(config))):
             cache = make()
-            model(ids, past_key_values=cache)
+            model(ids, cache=cache)
 
             def step(cache: object = cache) -> None:
-                model(token, past_key_values=cache)
+                model(token, cache=cache)
                 cache.crop(-1)
 
             result[f"model_{name}_ms"] = 1e3 * _time(step, 5)
@@ -191,7 +192,7 @@ def _chunked_nll(
     predictions (B, T-1) of each next token."""
     cache, total, top1 = make_cache(), 0.0, []
     for i in range(0, data.shape[1], chunk):
-        logits = model(data[:, i : i + chunk], past_key_values=cache, use_cache=True).logits
+        logits = model(data[:, i : i + chunk], cache=cache, use_cache=True).logits
         target = data[:, i + 1 : i + chunk + 1]  # the last chunk has no target for its last token
         logits = logits[:, : target.shape[1]]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
@@ -220,10 +221,10 @@ def _greedy(
     """Greedy continuation (B, new_tokens) of ``prompt`` (B, P), the prompt fed ``chunk`` tokens at a time."""
     cache = make_cache()
     for i in range(0, prompt.shape[1], chunk):
-        logits = model(prompt[:, i : i + chunk], past_key_values=cache, use_cache=True).logits
+        logits = model(prompt[:, i : i + chunk], cache=cache, use_cache=True).logits
     out = [logits[:, -1].argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):
-        logits = model(out[-1], past_key_values=cache, use_cache=True).logits
+        logits = model(out[-1], cache=cache, use_cache=True).logits
         out.append(logits[:, -1].argmax(-1, keepdim=True))
     return torch.cat(out, 1)
 
@@ -252,14 +253,14 @@ def bench_quality(steps: int = 300, chunk: int = 16) -> dict[str, float]:
     result = {"ppl_dynamic": _chunked_ppl(model, data, DynamicCache, chunk)}
     prompt = _copy_corpus(32, seed=20_000)[:, :30]
     kw = dict(max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt))
-    ref = model.generate(prompt, past_key_values=DynamicCache(), **kw)[:, 30:]
+    ref = model.generate(prompt, **{GENERATE_CACHE_KEY: DynamicCache()}, **kw)[:, 30:]
     for window in (16, 0):
         for bits in (8, 4, 3, 2):
             make = lambda b=bits, w=window: BitNetA48QuantizedCache(config, bits=b, window=w)  # noqa: E731
             p = _chunked_ppl(model, data, make, chunk)
             result[f"ppl_{bits}bit_w{window}"] = p
             result[f"ratio_{bits}bit_w{window}"] = p / result["ppl_dynamic"]
-            out = model.generate(prompt, past_key_values=make(), **kw)[:, 30:]
+            out = model.generate(prompt, **{GENERATE_CACHE_KEY: make()}, **kw)[:, 30:]
             result[f"greedy_agree_{bits}bit_w{window}"] = float((out == ref).float().mean())
     return result
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bitnet_a48.cache_argument import GENERATE_CACHE_KEY, output_cache
 from bitnet_a48.cache_bitnet_a48 import (
     BitNetA48QuantizedCache,
     BitNetA48QuantizedLayer,
@@ -324,18 +325,19 @@ def test_generate_uses_the_quantised_cache_by_default(tiny_model) -> None:  # no
     ids, mask, _ = prompts()
     out = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                               return_dict_in_generate=True)  # fmt: skip
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, BitNetA48QuantizedCache) and cache.bits == 3
     assert cache.get_seq_length() == out.sequences.shape[1] - 1
 
 
 def test_greedy_left_padded_batch_equals_one_by_one(tiny_model) -> None:  # noqa: ANN001
     ids, mask, rows = prompts()
-    batched = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                                  past_key_values=BitNetA48QuantizedCache(tiny_model.config, window=4))  # fmt: skip
+    def windowed() -> dict:
+        return {GENERATE_CACHE_KEY: BitNetA48QuantizedCache(tiny_model.config, window=4)}
+
+    batched = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **windowed())
     for b, row in enumerate(rows):
-        single = tiny_model.generate(row[None], max_new_tokens=10, do_sample=False,
-                                     past_key_values=BitNetA48QuantizedCache(tiny_model.config, window=4))  # fmt: skip
+        single = tiny_model.generate(row[None], max_new_tokens=10, do_sample=False, **windowed())
         assert torch.equal(batched[b, -10:], single[0, -10:]), f"row {b}"
 
 
@@ -345,8 +347,8 @@ def test_eight_bit_cache_tracks_full_precision_logits(tiny_model) -> None:  # no
     ids, mask, _ = prompts()
     logits = {}
     for name, cache in (("dyn", DynamicCache()), ("q8", BitNetA48QuantizedCache(tiny_model.config, bits=8))):
-        out = tiny_model(ids[:, :6], attention_mask=mask[:, :6], past_key_values=cache)
-        out = tiny_model(ids[:, 6:], attention_mask=mask, past_key_values=out.past_key_values)
+        out = tiny_model(ids[:, :6], attention_mask=mask[:, :6], cache=cache)
+        out = tiny_model(ids[:, 6:], attention_mask=mask, cache=output_cache(out))
         logits[name] = out.logits[mask[:, 6:].bool()]
     rel = (logits["q8"] - logits["dyn"]).norm() / logits["dyn"].norm()
     assert rel < 1e-2, f"relative error {rel:.2e}"
@@ -357,26 +359,27 @@ def test_sampling_and_beam_search_with_num_return_sequences(tiny_model, mode: st
     ids, mask, _ = prompts()
     kwargs = dict(do_sample=True, top_k=20) if mode == "sample" else dict(num_beams=3, do_sample=False)
     cache = BitNetA48QuantizedCache(tiny_model.config, window=2)
-    out = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=6, num_return_sequences=2,
-                              past_key_values=cache, return_dict_in_generate=True, **kwargs)  # fmt: skip
-    assert out.sequences.shape[0] == 4
+    out = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, num_return_sequences=2,
+                              **{GENERATE_CACHE_KEY: cache}, return_dict_in_generate=True, **kwargs)  # fmt: skip
+    assert out.sequences.shape == (4, ids.shape[1] + 6)  # min_new_tokens: no row ends early on EOS
     assert ((out.sequences >= 0) & (out.sequences < 101)).all()
-    layer = cache.layers[0]
-    assert layer.batch_size == (4 if mode == "sample" else 6)
-    assert layer.get_seq_length() == out.sequences.shape[1] - 1 or mode == "beam"
+    assert output_cache(out) is cache  # the cache passed in is the one generate() filled
+    # beams keep num_beams rows per prompt in the cache, samples num_return_sequences; each holds every step's key
+    assert [layer.batch_size for layer in cache.layers] == [4 if mode == "sample" else 6] * len(cache.layers)
+    assert [int(layer.get_seq_length()) for layer in cache.layers] == [out.sequences.shape[1] - 1] * len(cache.layers)
 
 
 def test_continue_generation_from_returned_cache_equals_one_run(tiny_model) -> None:  # noqa: ANN001
     ids, mask, _ = prompts()
     one = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                              past_key_values=BitNetA48QuantizedCache(tiny_model.config))  # fmt: skip
+                              **{GENERATE_CACHE_KEY: BitNetA48QuantizedCache(tiny_model.config)})  # fmt: skip
     first = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                past_key_values=BitNetA48QuantizedCache(tiny_model.config),
+                                **{GENERATE_CACHE_KEY: BitNetA48QuantizedCache(tiny_model.config)},
                                 return_dict_in_generate=True)  # fmt: skip
-    assert isinstance(first.past_key_values, BitNetA48QuantizedCache)
+    assert isinstance(output_cache(first), BitNetA48QuantizedCache)
     mask2 = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], 1)
     second = tiny_model.generate(first.sequences, attention_mask=mask2, max_new_tokens=6, do_sample=False,
-                                 past_key_values=first.past_key_values)  # fmt: skip
+                                 **{GENERATE_CACHE_KEY: output_cache(first)})  # fmt: skip
     assert torch.equal(second, one)
 
 
@@ -385,7 +388,7 @@ def test_assisted_decoding_crops_the_packed_cache(tiny_model) -> None:  # noqa: 
     prompt = torch.cat([rows[0], rows[0][1:]])[None]  # repeated n-grams give lookup candidates
     cache = BitNetA48QuantizedCache(tiny_model.config, window=0)
     out = tiny_model.generate(prompt, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=3,
-                              past_key_values=cache, return_dict_in_generate=True)  # fmt: skip
+                              **{GENERATE_CACHE_KEY: cache}, return_dict_in_generate=True)  # fmt: skip
     assert cache.get_seq_length() == out.sequences.shape[1] - 1
     assert all(int(layer.get_seq_length()) == cache.get_seq_length() for layer in cache.layers)
 
@@ -424,7 +427,7 @@ def trained_model():  # noqa: ANN201
 def chunked_perplexity(model, data: torch.Tensor, make_cache, chunk: int) -> float:  # noqa: ANN001
     """Perplexity of ``data`` fed ``chunk`` tokens at a time through one cache (the decode-time access pattern)."""
     cache = make_cache()
-    logits = torch.cat([model(data[:, i : i + chunk], past_key_values=cache).logits
+    logits = torch.cat([model(data[:, i : i + chunk], cache=cache).logits
                         for i in range(0, data.shape[1], chunk)], 1)  # fmt: skip
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), data[:, 1:].reshape(-1))
     return float(nll.exp())
@@ -450,7 +453,7 @@ def test_greedy_continuations_agree_with_dynamic_cache(trained_model) -> None:  
 
     prompt = copy_corpus(8, seed=20_000)[:, :30]  # BOS, one segment, the start of its repeat
     kw = dict(max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt))
-    ref = trained_model.generate(prompt, past_key_values=DynamicCache(), **kw)[:, 30:]
+    ref = trained_model.generate(prompt, **{GENERATE_CACHE_KEY: DynamicCache()}, **kw)[:, 30:]
     out = trained_model.generate(prompt, **kw)[:, 30:]  # default cache: 3 bits
     agree = (out == ref).float().mean()
     assert agree >= 0.8, f"only {agree:.0%} of greedy tokens agree"

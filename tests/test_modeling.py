@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from bitnet_a48 import BitNetA48Config, BitNetA48ForCausalLM, create_model
 from bitnet_a48.bitlinear import BitLinear
+from bitnet_a48.cache_argument import output_cache
 from bitnet_a48.modeling_bitnet_a48 import ReLUSquared
 
 
@@ -127,7 +128,7 @@ def test_cache_decoding_equals_full_forward(model: BitNetA48ForCausalLM) -> None
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         first = model(ids[:, :6], use_cache=True)
-        rest = model(ids[:, 6:], past_key_values=first.past_key_values, use_cache=True).logits
+        rest = model(ids[:, 6:], cache=output_cache(first), use_cache=True).logits
     assert torch.allclose(full[:, 6:], rest, atol=1e-4)
 
 

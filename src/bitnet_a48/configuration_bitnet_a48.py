@@ -79,7 +79,7 @@ class BitNetA48Config(PretrainedConfig):
     """
 
     model_type = "bitnet_a48"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",

@@ -27,6 +27,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .bitlinear import BitLinear
+from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIELD, resolve_cache_argument
 from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
 from .configuration_bitnet_a48 import BitNetA48Config
 
@@ -50,6 +51,18 @@ def make_projection(config: BitNetA48Config, in_features: int, out_features: int
 
         return PackedBitLinear(in_features, out_features, **kwargs)
     return BitLinear(in_features, out_features, bias=False, **kwargs)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """One clear error for a token id outside [0, vocab_size) (the embedding lookup would raise a bare IndexError)."""
+    if input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"input id {bad} is outside the vocabulary of {vocab_size} tokens (ids must lie in [0, {vocab_size}))"
+        )
 
 
 class BitNetA48RMSNorm(nn.Module):
@@ -171,7 +184,7 @@ class BitNetA48Attention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -182,16 +195,16 @@ class BitNetA48Attention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if isinstance(past_key_values, BitNetA48QuantizedCache):
+        if isinstance(cache, BitNetA48QuantizedCache):
             # Packed low-bit KV (paper section 2.4): blockwise attention over the packed past, no dequantised copy
-            attn_output = past_key_values.attend(
+            attn_output = cache.attend(
                 query_states, key_states, value_states, self.layer_idx, attention_mask, self.scaling,
                 position_ids=kwargs.get("position_ids"),
             )  # (B, T, H, D)
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
             return self.o_proj(self.attn_sub_norm(attn_output)), None
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = eager_attention_forward
         if self.config._attn_implementation not in (None, "eager"):
@@ -225,7 +238,7 @@ class BitNetA48DecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
@@ -235,7 +248,7 @@ class BitNetA48DecoderLayer(GradientCheckpointingLayer):
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -287,7 +300,7 @@ class BitNetA48PreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BitNetA48DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # both names of the KV-cache argument
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -314,17 +327,22 @@ class BitNetA48Model(BitNetA48PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """The decoder stack; `cache` is the KV cache (`past_key_values`, its name before transformers 5.24, too)."""
+        cache = resolve_cache_argument(cache, past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}")
+        if input_ids is not None and not torch.compiler.is_compiling():
+            check_token_ids(input_ids, self.config.vocab_size)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -337,10 +355,10 @@ class BitNetA48Model(BitNetA48PreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -348,8 +366,8 @@ class BitNetA48Model(BitNetA48PreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{MASK_CACHE_ARG: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -362,7 +380,7 @@ class BitNetA48Model(BitNetA48PreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values if use_cache else None,
+                cache=cache if use_cache else None,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 **kwargs,
@@ -374,9 +392,9 @@ class BitNetA48Model(BitNetA48PreTrainedModel):
             all_hidden_states += (hidden_states,)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            **{OUTPUT_CACHE_FIELD: cache if use_cache else None},
         )
 
 
@@ -397,7 +415,7 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -405,14 +423,20 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        """Causal LM forward; `labels` (B, T) give the shifted next-token loss through `self.loss_function`."""
+        """Causal LM forward; `labels` (B, T) give the shifted next-token loss through `self.loss_function`.
+
+        `cache` is the KV cache (`past_key_values`, its name before transformers 5.24, works too); the output carries
+        it in the field the installed transformers names (`cache` from 5.24, `past_key_values` before).
+        """
+        cache = resolve_cache_argument(cache, past_key_values, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -433,9 +457,9 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{OUTPUT_CACHE_FIELD: getattr(outputs, OUTPUT_CACHE_FIELD)},
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
@@ -445,18 +469,20 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
     ) -> Any:
         """generate() builds the quantised KV cache (cache_bitnet_a48.py) by default when `config.kv_cache_bits` is set.
 
-        Private transformers API (5.17 to 5.23), pinned by tests/test_cache.py. A cache passed by the user, a
-        `cache_implementation` or `use_cache=False` keep transformers' behaviour.
+        Private transformers API, pinned by tests/test_generate.py on every release CI runs. generate() keeps its cache
+        in `model_kwargs` under `GENERATE_CACHE_KEY` (`cache` from 5.24, `past_key_values` before). A cache passed by
+        the user (which generate() then fills and returns), a `cache_implementation` or `use_cache=False` keep
+        transformers' behaviour.
         """
         if (
             getattr(self.config, "kv_cache_bits", None) is not None
-            and model_kwargs.get("past_key_values") is None
+            and model_kwargs.get(GENERATE_CACHE_KEY) is None
             and generation_config.use_cache is not False
             and generation_config.cache_implementation is None
         ):
             batch_size = args[1] if len(args) > 1 else kwargs.get("batch_size", 1)
             max_cache_len = args[2] if len(args) > 2 else kwargs.get("max_cache_length")
-            model_kwargs["past_key_values"] = make_generation_cache(
+            model_kwargs[GENERATE_CACHE_KEY] = make_generation_cache(
                 self.config, batch_size, max_cache_len, self.device, self.dtype
             )
             return None
