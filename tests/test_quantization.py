@@ -146,6 +146,40 @@ def test_straight_through_gradient_is_identity(name: str) -> None:
     assert torch.equal(w.grad, upstream[:, :8].repeat(3, 1)[:8])
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (torch.equal calls -0.0 and 0.0 equal)."""
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16}[t.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["int8", "int4", "fp4", "topk_int8"])
+def test_forward_value_is_the_same_with_and_without_grad(name: str, dtype: torch.dtype) -> None:
+    # Gradient checkpointing with use_reentrant=True runs the forward without grad, then again with grad: the two
+    # must give the same bits, or the recompute sees other activations (and other TopK choices downstream).
+    x = (torch.randn(16, 96, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    with torch.no_grad():
+        plain = Q.fake_quantize_act(x, name)
+        plain_w = Q.fake_quantize_weight_ternary(x)
+    xg = x.clone().requires_grad_(True)
+    with_grad, with_grad_w = Q.fake_quantize_act(xg, name), Q.fake_quantize_weight_ternary(xg)
+    codes, scale = Q.quantize_act(x, name)
+    w_codes, alpha = Q.quantize_weight_ternary(x)
+    assert torch.equal(_bits(plain), _bits(Q.dequantize(codes, scale, dtype)))
+    assert torch.equal(_bits(plain_w), _bits(Q.dequantize(w_codes, alpha, dtype)))
+    assert with_grad.requires_grad and torch.equal(_bits(with_grad.detach()), _bits(plain))
+    assert torch.equal(_bits(with_grad_w.detach()), _bits(plain_w))
+    upstream = torch.randn(16, 96).to(dtype)
+    (with_grad * upstream).sum().backward()
+    assert torch.equal(xg.grad, upstream)  # d out / d x = 1
+
+
+def test_ste_keeps_the_sign_of_zero() -> None:
+    x = torch.tensor([-0.25, 0.25, -3.0], requires_grad=True)
+    q = torch.tensor([-0.0, 0.0, -3.0])
+    out = Q.ste(x, q)
+    assert torch.equal(_bits(out.detach()), _bits(q))  # q + 0 would turn -0.0 into +0.0
+
+
 def test_fake_quant_keeps_dtype_and_computes_stats_in_fp32() -> None:
     x = torch.randn(4, 64) * 1000
     for name in ("int8", "int4", "fp4", "topk_int8"):

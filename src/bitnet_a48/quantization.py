@@ -35,13 +35,14 @@ FP4 codes hold twice the E2M1 value ({0, ±1, ±2, ±3, ±4, ±6, ±8, ±12}), s
 kernels consume unchanged; ``codes / 2`` lies on the E2M1 grid and ``scale · 2`` is the per-token step.
 
 ``fake_quantize_*`` return the dequantised tensor in the input dtype with the identity straight-through
-estimator ``x + (q(x) - x).detach()`` (section 2: every non-differentiable op is bypassed in backward).
+estimator (section 2: every non-differentiable op is bypassed in backward): the forward value is ``q(x)`` exactly,
+the gradient that of ``x`` (:func:`ste`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -73,15 +74,30 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     return (codes.float() * scale.float()).to(dtype)
 
 
-def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Identity straight-through estimator: the value of ``q``, the gradient of ``x``.
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``q`` itself; backward: the incoming gradient goes to ``x`` unchanged (d out / d x = 1)."""
 
-    Without a gradient to carry, ``q`` itself is returned: ``x + (q - x)`` differs from ``q`` by float rounding,
-    which the next quantiser (a rounding or a TopK choice) could turn into a different code.
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return q
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+        return grad_out, None
+
+
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Identity straight-through estimator: the value of ``q`` (in ``x.dtype``), the gradient of ``x``.
+
+    The value is ``q`` bit for bit with or without a gradient to carry: ``x + (q - x).detach()`` differs from ``q``
+    by float rounding, which the next quantiser (a rounding or a TopK choice) could turn into a different code, and
+    a recompute under gradient checkpointing (``use_reentrant=True`` runs the forward once without grad) would then
+    see other activations than the first pass.
     """
+    q = q.detach().to(x.dtype)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return q.to(x.dtype)
-    return x + (q.to(x.dtype) - x).detach()
+        return q
+    return _StraightThrough.apply(x, q)
 
 
 # ---------------------------------------------------------------------------------------------------------
