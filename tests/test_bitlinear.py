@@ -6,8 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bitnet_a48 import bitlinear
 from bitnet_a48.bitlinear import BitLinear
-from bitnet_a48.quantization import ROLES
+from bitnet_a48.quantization import (
+    ROLES,
+    dequantize,
+    fake_quantize_act,
+    fake_quantize_weight_ternary,
+    quantize_act,
+    quantize_weight_ternary,
+)
 
 
 def reference_bitlinear(x: torch.Tensor, w: torch.Tensor, role: str, mode: str, ratio: float = 0.5) -> torch.Tensor:
@@ -80,3 +88,127 @@ def test_is_an_nn_linear_and_autocasts() -> None:
         out = layer(x)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), layer(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("role", ROLES)
+def test_forward_is_bit_for_bit_the_same_with_and_without_grad(role: str, dtype: torch.dtype) -> None:
+    # Gradient checkpointing with use_reentrant=True computes the forward without grad, then recomputes it with grad.
+    layer = BitLinear(96, 40, role=role, quant_mode="a4.8", dtype=dtype).train()
+    # Gaussian weights (transformers' init, and trained weights) have tails far beyond 1.5α, where x + (q - x) != q.
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    x = torch.randn(6, 96, generator=torch.Generator().manual_seed(2)).to(dtype) * 2
+    with torch.no_grad():
+        plain = layer(x)
+    xg = x.clone().requires_grad_(True)
+    out = layer(xg)
+    assert torch.equal(out.detach(), plain)
+    # The gradients are the identity STE's: dX = dY · Q_w(W), dW = dYᵀ · Q_act(X).
+    grad_y = torch.randn_like(out)
+    out.backward(grad_y)
+    codes, alpha = quantize_weight_ternary(layer.weight)
+    a_codes, a_scale = quantize_act(x, layer.act_quantizer, layer.topk_ratio)
+    w_q, x_q = dequantize(codes, alpha, dtype), dequantize(a_codes, a_scale, dtype)
+    assert torch.equal(xg.grad, grad_y @ w_q)
+    assert torch.equal(layer.weight.grad, grad_y.t() @ x_q)
+
+
+class QuantiseCounter:
+    """Stands for bitlinear.fake_quantize_weight_ternary and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return fake_quantize_weight_ternary(weight)
+
+
+@pytest.fixture
+def counter(monkeypatch: pytest.MonkeyPatch) -> QuantiseCounter:
+    count = QuantiseCounter()
+    monkeypatch.setattr(bitlinear, "fake_quantize_weight_ternary", count)
+    return count
+
+
+def _fresh(layer: BitLinear, x: torch.Tensor) -> torch.Tensor:
+    """The uncached arithmetic of the layer."""
+    with torch.no_grad():
+        w = fake_quantize_weight_ternary(layer.weight)
+        return F.linear(fake_quantize_act(x, layer.act_quantizer, layer.topk_ratio), w, layer.bias)
+
+
+def test_eval_keeps_the_quantised_weight_until_it_changes(counter: QuantiseCounter) -> None:
+    layer = BitLinear(64, 24, role="gate_up").eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        first, second = layer(x), layer(x)
+    with torch.inference_mode():
+        third = layer(x)
+    assert counter.calls == 1
+    assert torch.equal(first, _fresh(layer, x)) and torch.equal(second, first) and torch.equal(third, first)
+    assert list(layer.state_dict()) == ["weight"] and not list(layer.buffers())  # never saved
+
+    with torch.no_grad():
+        layer.weight.add_(0.05 * torch.randn_like(layer.weight))  # in place: the version counter moves
+        assert torch.equal(layer(x), _fresh(layer, x)) and counter.calls == 2
+    layer.load_state_dict({"weight": torch.randn(24, 64)})
+    with torch.no_grad():
+        assert torch.equal(layer(x), _fresh(layer, x)) and counter.calls == 3
+
+    # An optimiser step in eval mode: the forward with grad quantises afresh, the next no-grad one refreshes.
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().sum().backward()
+    assert layer.weight.grad is not None and counter.calls == 4
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(layer(x), _fresh(layer, x)) and counter.calls == 5
+
+    layer.to(torch.float64)
+    with torch.no_grad():
+        assert torch.equal(layer(x.double()), _fresh(layer, x.double())) and counter.calls == 6
+
+
+def test_data_writes_need_clear_or_a_mode_switch(counter: QuantiseCounter) -> None:
+    # Writes through .data bypass autograd's version counter (documented): clear_weight_cache() or eval() resyncs.
+    layer = BitLinear(64, 24, role="down").eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data.mul_(-1.0)
+        layer.clear_weight_cache()
+        assert torch.equal(layer(x), _fresh(layer, x))
+        layer.weight.data.mul_(-1.0)
+        layer.eval()
+        assert torch.equal(layer(x), _fresh(layer, x))
+    assert counter.calls == 3
+
+
+def test_training_and_weight_gradients_always_quantise_afresh(counter: QuantiseCounter) -> None:
+    layer = BitLinear(64, 24, role="qkv")
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        layer(x), layer(x)  # train mode, even without grad (the first pass of reentrant checkpointing)
+    assert counter.calls == 2 and layer._weight_cache is None
+    layer.eval()
+    layer(x).sum().backward()  # eval with grad on a trainable weight: the weight gradient is needed
+    assert counter.calls == 3 and layer.weight.grad is not None and layer._weight_cache is None
+    # A frozen weight (LoRA's base) in eval keeps its copy, which serves an input gradient, also after inference_mode.
+    layer.weight.requires_grad_(False)
+    with torch.inference_mode():
+        layer(x)
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()
+    assert counter.calls == 4 and xg.grad is not None
+    layer.train()
+    assert layer._weight_cache is None  # training frees the copy
+
+
+def test_offloaded_layer_keeps_no_copy(counter: QuantiseCounter) -> None:
+    from accelerate import cpu_offload
+
+    model = torch.nn.Sequential(BitLinear(64, 24, role="o")).eval()
+    cpu_offload(model, execution_device="cpu")  # the weight lives on meta between calls
+    with torch.no_grad():
+        model(torch.randn(2, 64)), model(torch.randn(2, 64))
+    assert model[0]._weight_cache is None and counter.calls == 2
