@@ -51,7 +51,7 @@ from .quantization import (
 
 
 def _offloaded(module: nn.Module) -> bool:
-    """Whether an accelerate hook (``cpu_offload``, ``device_map`` with offload) loads this module's weights per call."""
+    """Whether an accelerate hook (``cpu_offload``, a ``device_map`` with offload) loads the weights per call."""
     hook = getattr(module, "_hf_hook", None)
     return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
 
