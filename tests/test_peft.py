@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from bitnet_a48 import create_model, packed_bitlinear
 from bitnet_a48 import peft_bitnet_a48 as pb
 from bitnet_a48.bitlinear import BitLinear
 from bitnet_a48.packed_bitlinear import PackedBitLinear
-from bitnet_a48.quantization import quantize_weight_ternary
+from bitnet_a48.quantization import quantize_act, quantize_weight_ternary
 
 STEPS = 8
 
@@ -84,6 +85,56 @@ def test_latent_merge_adds_the_delta_to_the_latent_weights(tiny_config_kwargs: d
     assert torch.allclose(up.weight, expected)
 
 
+def _set_adapters(peft_model: torch.nn.Module) -> None:
+    """Non-zero adapters (PEFT starts B at zero), so that merging changes the weights."""
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _refreshed_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits with every BitLinear quantising its current weights afresh."""
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.clear_weight_cache()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_latent_merge_and_unmerge_refresh_the_kept_quantised_weights(tiny_config_kwargs: dict) -> None:
+    # Eval keeps each BitLinear's Q_w(W) (bitlinear.py); PEFT writes merged weights through .data, unseen by it.
+    peft_model = pb.add_lora(_model(tiny_config_kwargs), r=4, lora_alpha=8)
+    _set_adapters(peft_model)
+    peft_model.eval()
+    ids = _batch()
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+    peft_model.merge_adapter()
+    with torch.no_grad():
+        merged = peft_model(input_ids=ids).logits
+    assert not torch.equal(merged, adapted)  # merging re-quantises W + s·B·A (module docstring)
+    assert torch.equal(merged, _refreshed_logits(peft_model, ids))
+    peft_model.unmerge_adapter()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, adapted, atol=1e-5)
+    unloaded = pb.merge_lora(peft_model)
+    with torch.no_grad():
+        assert torch.equal(unloaded(input_ids=ids).logits, _refreshed_logits(unloaded, ids))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["latent", "packed"])
+def test_add_and_load_lora_emit_no_warnings(tiny_config_kwargs: dict, tmp_path: Path, packed: bool) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = pb.add_lora(_model(tiny_config_kwargs, packed=packed), r=4, lora_alpha=8)
+        peft_model.save_pretrained(tmp_path / "adapter")
+        pb.load_lora(_model(tiny_config_kwargs, packed=packed), str(tmp_path / "adapter"))
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "Unsupported layer type" in m or "is_gradient_checkpointing" in m], messages
+
+
 @pytest.mark.parametrize("out_features", [12, 13])
 def test_packed_input_gradient_equals_ste_reference(monkeypatch: pytest.MonkeyPatch, out_features: int) -> None:
     latent = BitLinear(24, out_features, role="qkv", quant_mode="a4.8")
@@ -98,7 +149,12 @@ def test_packed_input_gradient_equals_ste_reference(monkeypatch: pytest.MonkeyPa
     dense = grad_y.reshape(-1, out_features) @ (codes.float() * alpha)
     assert torch.allclose(x.grad.reshape(-1, 24), dense, atol=1e-6)
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-6)
-    assert torch.equal(packed(x).detach(), packed(x.detach()))  # the autograd path leaves the forward untouched
+    # The forward of the autograd path is the integer arithmetic: (codes_x · codes_wᵀ) · x_scale · α.
+    y = packed(x)
+    assert y.grad_fn is not None
+    x_codes, x_scale = quantize_act(x.detach().reshape(-1, 24), latent.act_quantizer)
+    exact = (x_codes.double() @ codes.double().t()).float()  # integer sums, exact in fp64
+    assert torch.equal(y.detach().reshape(-1, out_features), exact * (x_scale * alpha))
 
 
 def test_packed_qlora_trains_adapters_on_a_frozen_2bit_base(tiny_config_kwargs: dict, tmp_path: Path) -> None:

@@ -4,6 +4,9 @@ Latent model: ``BitLinear`` subclasses ``nn.Linear``, so PEFT's ``target_modules
 as an ordinary ``lora.Linear`` (lm_head is skipped by PEFT). The base forward quantises on the fly with the STE, so
 ``y = Q_act(x)·Q_w(W)ᵀ + s·B·A·x`` trains the adapters through the quantisers. Merging adds ``s·B·A`` to the latent
 weights; the merged model re-quantises them in its forward, so it is close to, not equal to, the adapted model.
+PEFT merges by writing ``weight.data``, which a ``BitLinear``'s kept eval copy of ``Q_w(W)`` cannot notice
+(``bitlinear.py``), so :func:`lora_config` maps ``BitLinear`` to :class:`BitLoraLinear`, whose merge and unmerge drop
+that copy. (A plain ``LoraConfig`` gives PEFT's own layer: call ``model.eval()`` again after merging.)
 
 Packed model: ``PackedBitLinear`` is not an ``nn.Linear`` (its weights are uint8 codes), so PEFT needs
 :func:`packed_lora_target_modules` and the custom-module registration ``{PackedBitLinear: PackedLoraLinear}``.
@@ -20,6 +23,9 @@ absorb a rank-r update); load the latent base, apply the adapter, merge, then ``
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,7 +33,20 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from .bitlinear import BitLinear
 from .packed_bitlinear import PackedBitLinear
+
+
+class BitLoraLinear(LoraLinear):
+    """PEFT's LoRA layer over a latent ``BitLinear``; merging and unmerging also drop the base's kept ``Q_w(W)``."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self.get_base_layer().clear_weight_cache()
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        self.get_base_layer().clear_weight_cache()
 
 
 class PackedLoraLinear(LoraLinear):
@@ -40,6 +59,10 @@ class PackedLoraLinear(LoraLinear):
         if config.use_dora or getattr(config, "lora_bias", False):
             raise ValueError("LoRA on a packed BitNet layer supports plain LoRA only (no DoRA, no lora_bias)")
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        # PEFT reads the sizes of nn.Linear-like layers only and warns "Unsupported layer type" for any other.
+        return module.in_features, module.out_features
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -76,29 +99,40 @@ def is_packed(model: nn.Module) -> bool:
     return any(isinstance(module, PackedBitLinear) for module in model.modules())
 
 
+def _register_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """This package's LoRA layers (a saved adapter config cannot hold them, so loading registers them again)."""
+    layers = {PackedBitLinear: PackedLoraLinear} if is_packed(model) else {BitLinear: BitLoraLinear}
+    config._register_custom_module(layers)
+    return config
+
+
+@contextmanager
+def _peft_reads_deprecated_alias() -> Iterator[None]:
+    # PEFT 0.21's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated in
+    # favour of `is_activation_checkpointing` with a FutureWarning the user can do nothing about.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def lora_config(model: nn.Module, **kwargs: Any) -> LoraConfig:
-    """A ``LoraConfig`` for a latent (``"all-linear"``) or packed (explicit names + custom layer) BitNet model."""
+    """A ``LoraConfig`` for a latent (``"all-linear"``) or packed (explicit names) BitNet model, with our layers."""
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    if is_packed(model):
-        kwargs.setdefault("target_modules", packed_lora_target_modules(model))
-        config = LoraConfig(**kwargs)
-        config._register_custom_module({PackedBitLinear: PackedLoraLinear})
-        return config
-    kwargs.setdefault("target_modules", "all-linear")
-    return LoraConfig(**kwargs)
+    kwargs.setdefault("target_modules", packed_lora_target_modules(model) if is_packed(model) else "all-linear")
+    return _register_layers(LoraConfig(**kwargs), model)
 
 
 def add_lora(model: nn.Module, **kwargs: Any) -> PeftModel:
     """Wrap ``model`` with LoRA adapters (``r``, ``lora_alpha``, ``lora_dropout`` … as ``LoraConfig``)."""
-    return get_peft_model(model, lora_config(model, **kwargs))
+    with _peft_reads_deprecated_alias():
+        return get_peft_model(model, lora_config(model, **kwargs))
 
 
 def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
-    """Load saved adapters onto ``model``; re-registers the packed LoRA layer, which the saved config cannot hold."""
-    config = LoraConfig.from_pretrained(adapter_dir)
-    if is_packed(model):
-        config._register_custom_module({PackedBitLinear: PackedLoraLinear})
-    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+    """Load saved adapters onto ``model`` with this package's LoRA layers."""
+    config = _register_layers(LoraConfig.from_pretrained(adapter_dir), model)
+    with _peft_reads_deprecated_alias():
+        return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
 
 
 def merge_lora(peft_model: PeftModel) -> nn.Module:
