@@ -36,7 +36,6 @@ inductor). It needs the C++ compiler inductor uses (:func:`cpu_compiler_availabl
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 from collections.abc import Callable
@@ -73,9 +72,19 @@ def _gemv(a: torch.Tensor, packed: torch.Tensor, row_sums: torch.Tensor, scale: 
     return (torch.cat(sums, dim=1) - row_sums) * scale
 
 
-@functools.cache
-def _compiled_gemv() -> Callable[..., torch.Tensor]:
-    return torch.compile(_gemv, dynamic=True, fullgraph=True)
+# Built once on first use, in a plain dict: dynamo warns about lru_cache-wrapped calls inside a traced region.
+_BUILT: dict[str, object] = {}
+
+
+def _gemv_callable() -> Callable[..., torch.Tensor]:
+    """The compiled :func:`_gemv`; inside a region torch.compile is tracing, ``_gemv`` itself (the outer graph
+    compiles it, and a nested torch.compile would be inlined anyway)."""
+    if torch.compiler.is_compiling():
+        return _gemv
+    fn = _BUILT.get("gemv")
+    if fn is None:
+        fn = _BUILT["gemv"] = torch.compile(_gemv, dynamic=True, fullgraph=True)
+    return fn  # type: ignore[return-value]
 
 
 def _k_pieces(k: int) -> tuple[int, int] | None:
@@ -93,11 +102,13 @@ def gemv_supported(in_features: int) -> bool:
     return in_features <= GEMV_MAX_K and _k_pieces(in_features) is not None
 
 
-@functools.cache
 def cpu_compiler_available() -> bool:
     """Whether the C++ compiler that inductor calls on CPU (``$CXX``, else ``g++``/``clang++``) is on the PATH."""
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
-    return any(shutil.which(name) for name in names)
+    found = _BUILT.get("compiler")
+    if found is None:
+        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
+        found = _BUILT["compiler"] = any(shutil.which(name) for name in names)
+    return bool(found)
 
 
 def ternary_gemv_cpu(
@@ -130,5 +141,5 @@ def ternary_gemv_cpu(
     a = codes.to(torch.float32) if k <= K_SLICE else codes  # module docstring: fp32 only while it fits in L1
     row_sums = codes.sum(dim=-1, keepdim=True, dtype=torch.int32).to(torch.float32)  # Σ a, exact
     with torch.no_grad():
-        y = _compiled_gemv()(a.reshape(m, n, c), packed.reshape(rows, n, c), row_sums, scale.reshape(m, 1))
+        y = _gemv_callable()(a.reshape(m, n, c), packed.reshape(rows, n, c), row_sums, scale.reshape(m, 1))
     return y[:, :out_features].to(out_dtype)
