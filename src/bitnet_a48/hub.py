@@ -1,34 +1,43 @@
 """Model card (README.md) of a BitNet a4.8 checkpoint, and a Hub upload that keeps it.
 
-``write_model_card`` fills the template shipped in the package (``model_card.md``) from the model's config, a
-training recipe, a data description and metrics, and writes ``README.md`` into a saved folder.
+``write_model_card`` fills the template (``model_card_template.py``, a module so that a ``trust_remote_code`` copy of
+the model has it too) from the model's config, a training recipe, a data description and metrics, and writes
+``README.md`` into a saved folder.
 
 transformers' ``push_to_hub`` (5.x, ``PushToHubMixin.push_to_hub``) calls ``save_pretrained(tmp)`` and then writes its
 own card over ``tmp/README.md``: the card already on the Hub repository if there is one, else a generic template.
 A README written by ``save_pretrained`` is therefore overwritten. ``push_to_hub_with_card`` saves, writes our card
 and uploads the folder with ``HfApi.upload_folder``, so our card is the one uploaded. (Once it is on the Hub, a later
 plain ``push_to_hub`` keeps it: transformers loads the remote card and saves it back, adding tags.)
+
+``push_to_hub_with_card`` takes transformers' own ``push_to_hub`` arguments (``commit_message``, ``commit_description``,
+``private``, ``token``, ``revision``, ``create_pr``, ``max_shard_size``, ``tags``), the ``save_pretrained`` ones that
+shape the files (:data:`SAVE_ARGUMENTS`), and the card fields (:data:`CARD_ARGUMENTS`); anything else is a
+``TypeError`` before a repository is created.
 """
 
 from __future__ import annotations
 
 import tempfile
-from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any
 
 from torch import nn
 
+from .model_card_template import MODEL_CARD_TEMPLATE
 from .packing import weight_bytes
 
-TEMPLATE_NAME = "model_card.md"
 NOT_GIVEN = "_Not given._"
+# Keyword arguments of push_to_hub_with_card that go to save_pretrained, and those that fill the card.
+SAVE_ARGUMENTS = ("max_shard_size", "variant", "state_dict", "save_peft_format", "save_original_format",
+                  "safe_serialization")
+CARD_ARGUMENTS = ("recipe", "data", "model_name", "license", "base_model")
 
 
 def load_template() -> str:
-    """The card template shipped inside the package."""
-    return resources.files(__package__).joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+    """The card template (``model_card_template.MODEL_CARD_TEMPLATE``)."""
+    return MODEL_CARD_TEMPLATE
 
 
 def _format_value(value: Any) -> str:
@@ -117,6 +126,32 @@ def write_model_card(model: nn.Module, folder: str | Path, metrics: dict[str, An
     return path
 
 
+def _split_arguments(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(save_pretrained arguments, card fields)``; a ``TypeError`` names any other keyword."""
+    unknown = sorted(set(kwargs) - set(SAVE_ARGUMENTS) - set(CARD_ARGUMENTS))
+    if unknown:
+        raise TypeError(
+            f"push_to_hub got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; it takes the upload "
+            f"arguments of transformers' push_to_hub, save_pretrained's {', '.join(SAVE_ARGUMENTS)} and the card "
+            f"fields {', '.join(CARD_ARGUMENTS)}"
+        )
+    save = {k: v for k, v in kwargs.items() if k in SAVE_ARGUMENTS}
+    if save.pop("safe_serialization", True) is not True:
+        raise ValueError("safe_serialization=False is not available: transformers 5 always writes safetensors")
+    return save, {k: v for k, v in kwargs.items() if k in CARD_ARGUMENTS}
+
+
+def _add_tags(folder: str | Path, tags: list[str] | str) -> None:
+    """Append ``tags`` to the YAML header of ``folder/README.md`` (as transformers' push_to_hub does)."""
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / "README.md"
+    card = ModelCard(path.read_text(encoding="utf-8"))
+    present = list(card.data.tags or [])
+    card.data.tags = present + [t for t in ([tags] if isinstance(tags, str) else tags) if t not in present]
+    path.write_text(str(card), encoding="utf-8")
+
+
 def push_to_hub_with_card(
     model: nn.Module,
     repo_id: str,
@@ -127,24 +162,31 @@ def push_to_hub_with_card(
     token: str | bool | None = None,
     revision: str | None = None,
     create_pr: bool = False,
-    commit_message: str = "Upload BitNet a4.8 model",
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    tags: list[str] | str | None = None,
     api: Any = None,
-    **card_kwargs: Any,
+    **kwargs: Any,
 ) -> Any:
     """``save_pretrained`` + our README.md + one ``upload_folder`` commit; returns the commit info.
 
-    ``api`` defaults to ``huggingface_hub.HfApi(token=token)`` (pass another object with ``create_repo`` and
-    ``upload_folder`` to test without network).
+    ``kwargs``: ``save_pretrained`` arguments (:data:`SAVE_ARGUMENTS`, e.g. ``max_shard_size``) and card fields
+    (:data:`CARD_ARGUMENTS`, as :func:`card_fields`). ``api`` defaults to ``huggingface_hub.HfApi(token=token)``
+    (pass another object with ``create_repo`` and ``upload_folder`` to test without network).
     """
+    save_kwargs, card_kwargs = _split_arguments(kwargs)
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **save_kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_model_card(model, tmp, metrics, repo_id=repo_id, **card_kwargs)
+        if tags:
+            _add_tags(tmp, tags)
         return api.upload_folder(folder_path=tmp, repo_id=repo_id, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message)
+                                 commit_message=commit_message or "Upload BitNet a4.8 model",
+                                 commit_description=commit_description)

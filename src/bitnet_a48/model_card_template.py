@@ -1,4 +1,12 @@
----
+"""The model card template of a BitNet a4.8 checkpoint (``string.Template`` placeholders, filled by ``hub.py``).
+
+A Python module rather than a data file: transformers' remote-code loader copies a model's ``.py`` files and their
+relative imports into its modules cache, and nothing else, so a model loaded with ``trust_remote_code=True`` finds
+the template only this way. ``model_card.md`` at the repository root is a readable copy (tests/test_hub.py keeps
+the two equal).
+"""
+
+MODEL_CARD_TEMPLATE = """---
 library_name: transformers
 pipeline_tag: text-generation
 license: ${license}
@@ -84,3 +92,4 @@ training data and has not been evaluated for safety.
   year    = {2024}
 }
 ```
+"""
