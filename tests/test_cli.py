@@ -1,19 +1,37 @@
-"""The `bitnet-a48` command line: the checkpoint tools, eval and bench through `cli.main`."""
+"""The `bitnet-a48` command line: the checkpoint tools, eval and bench through `cli.main`, `--help` and its speed."""
 
 import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bitnet_a48 import cli, create_model
-from bitnet_a48.data import load_documents
+from bitnet_a48 import cli, convert, create_model, training
+from bitnet_a48.data import load_corpus, load_documents, pack_documents
 from bitnet_a48.tokenization_bitnet_a48 import train_bpe_tokenizer
+
+EVAL_ARGS = ["--validation-every", "2", "--seq-len", "32", "--max-blocks", "4"]
+
+
+class Saved(NamedTuple):
+    folder: Path  # the trained model with its tokenizer
+    untrained: Path  # the same model before training
+    plays: Path  # two plays; the first is the validation split of EVAL_ARGS
+    model: Any  # the trained model, in memory
+    tokenizer: Any
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny latent a4.8 model with a BPE tokenizer, and a folder of two real plays (the second is validation)."""
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
+    """A tiny latent a4.8 model with a BPE tokenizer, saved before and after 60 Adam steps on the training play."""
     root = tmp_path_factory.mktemp("cli")
     plays = root / "plays"
     plays.mkdir()
@@ -21,52 +39,105 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     for i, doc in enumerate(docs):
         (plays / f"{i}.txt").write_text(doc.text[:20_000])
     tokenizer = train_bpe_tokenizer((d.text for d in docs), vocab_size=300)
+    torch.manual_seed(0)
     model = create_model(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    folder = root / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, plays
+    model.save_pretrained(root / "untrained")
+    tokenizer.save_pretrained(root / "untrained")
+    train = pack_documents(tokenizer, load_corpus(str(plays), 2).train, 32).blocks
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(60):
+        batch = train[torch.randint(0, train.shape[0], (8,), generator=generator)]
+        optimizer.zero_grad()
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return Saved(root / "model", root / "untrained", plays, model, tokenizer)
 
 
-def test_eval_prints_perplexity_and_sparsity(saved: tuple[Path, Path], tmp_path: Path,
-                                             capsys: pytest.CaptureFixture) -> None:
-    model, plays = saved
-    out = tmp_path / "eval.json"
-    assert cli.main(["eval", str(model), "--data", str(plays), "--validation-every", "2", "--seq-len", "32",
-                     "--max-blocks", "4", "--output", str(out)]) == 0
-    result = json.loads(out.read_text())
+def _eval(folder: Path, plays: Path, out: Path, *extra: str) -> dict[str, Any]:
+    assert cli.main(["eval", str(folder), "--data", str(plays), *EVAL_ARGS, "--output", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_prints_perplexity_and_sparsity(saved: Saved, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    result = _eval(saved.folder, saved.plays, tmp_path / "eval.json")
     assert result["quant_mode"] == "a4.8" and result["blocks"] == 4
-    assert 1.0 < result["perplexity"] < 400  # an untrained model: about the vocabulary size
     assert result["sparsity"]["out"] >= 0.5 and 0.05 < result["sparsity"]["qkv"] < 0.25
     assert "valid PPL" in capsys.readouterr().out
 
+    # The reported perplexity is exp(mean next-token cross-entropy) of the saved model on the first 4 validation
+    # blocks: recomputed here from the logits of the model as trained in memory (before save and load).
+    blocks = pack_documents(saved.tokenizer, load_corpus(str(saved.plays), 2).validation, 32).blocks[:4]
+    with torch.no_grad():
+        logits = saved.model(blocks).logits.float()
+    expected = math.exp(F.cross_entropy(logits[:, :-1].flatten(0, 1), blocks[:, 1:].flatten()).item())
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-4)
 
-def test_pack_then_eval_gives_the_same_perplexity(saved: tuple[Path, Path], tmp_path: Path) -> None:
-    model, plays = saved
-    assert cli.main(["pack", str(model), str(tmp_path / "packed")]) == 0
+    # An untrained model is close to uniform (perplexity = vocabulary size); the trained one is far below it, so a
+    # command that evaluated fresh weights, or a model that ignores its input, would fail here.
+    untrained = _eval(saved.untrained, saved.plays, tmp_path / "untrained.json")["perplexity"]
+    vocab = len(saved.tokenizer)
+    assert 0.8 * vocab < untrained < 1.25 * vocab
+    assert result["perplexity"] < 0.4 * untrained
+
+
+def test_pack_then_eval_gives_the_same_perplexity(saved: Saved, tmp_path: Path) -> None:
+    assert cli.main(["pack", str(saved.folder), str(tmp_path / "packed")]) == 0
     assert json.loads((tmp_path / "packed" / "config.json").read_text())["weight_format"] == "packed"
-    results = []
-    for folder in (model, tmp_path / "packed"):
-        out = tmp_path / f"{folder.name}.json"
-        cli.main(["eval", str(folder), "--data", str(plays), "--validation-every", "2", "--seq-len", "32",
-                  "--max-blocks", "4", "--quant-mode", "a8", "--output", str(out)])
-        results.append(json.loads(out.read_text())["perplexity"])
+    results = [_eval(folder, saved.plays, tmp_path / f"{folder.name}.json", "--quant-mode", "a8")["perplexity"]
+               for folder in (saved.folder, tmp_path / "packed")]
     assert results[0] == pytest.approx(results[1], rel=1e-4)
 
 
-def test_checkpoint_tools_report_errors_with_exit_status_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
-    assert cli.main(["pack", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
-    assert "no config.json" in capsys.readouterr().out
+def _one_error_line(capsys: pytest.CaptureFixture, command: str) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bitnet-a48 {command}: error: "), captured.err
+    assert "error" not in captured.out
+    return lines[0]
+
+
+def test_checkpoint_tools_report_errors_on_stderr_with_exit_status_2(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    for command in ("convert", "export", "pack"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, str(tmp_path / "missing"), str(tmp_path / "out")])
+        assert exit_info.value.code == 2
+        assert "no config.json" in _one_error_line(capsys, command)
+    # convert.py's Python entry points return the status instead.
+    assert convert.main_convert([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "no config.json" in _one_error_line(capsys, "convert")
     assert not (tmp_path / "out").exists()
 
 
-def test_bench_compares_latent_and_packed(saved: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
-    model, _ = saved
+def test_commands_refuse_corrupt_weights_in_one_line(saved: Saved, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((saved.folder / name).read_bytes())
+    (broken / "model.safetensors").write_bytes((saved.folder / "model.safetensors").read_bytes()[:-100])
+    for argv in (["eval", str(broken)], ["bench", str(broken)], ["pack", str(broken), str(tmp_path / "out")]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        assert f"{broken / 'model.safetensors'}: truncated: header says" in _one_error_line(capsys, argv[0])
+    (broken / "model.safetensors").unlink()
+    (broken / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(SystemExit):
+        cli.main(["eval", str(broken)])
+    assert "only safetensors weights are loaded" in _one_error_line(capsys, "eval")
+
+
+def test_bench_compares_latent_and_packed(saved: Saved, capsys: pytest.CaptureFixture) -> None:
     torch.manual_seed(0)
-    assert cli.main(["bench", str(model), "--new-tokens", "3", "--reps", "1", "--prompt-tokens", "4"]) == 0
+    assert cli.main(["bench", str(saved.folder), "--new-tokens", "3", "--reps", "1", "--prompt-tokens", "4"]) == 0
     text = capsys.readouterr().out
     assert "as saved (latent)" in text and "packed, 2-bit in memory" in text and "packed, int8 CPU layout" in text
 
@@ -75,3 +146,75 @@ def test_eval_refuses_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", str(tmp_path / "nothing")])
     assert exit_info.value.code == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_choices_spelled_in_cli_match_their_modules() -> None:
+    assert cli.TRAIN_PRESET_NAMES == tuple(training.TRAIN_PRESETS)
+    assert cli.RECIPE_NAMES == (*sorted(training.RECIPES), *sorted(training.RECIPE_ALIASES))
+    assert set(cli.DTYPE_NAMES) == set(convert.DTYPES)
+    assert cli.LINEAR_CLASS_NAMES == convert.LINEAR_CLASSES
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The console entry, in fresh processes: --help of every command, its speed, the light package import
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _console(*args: str) -> list[str]:
+    script = Path(sys.executable).parent / "bitnet-a48"
+    return [str(script), *args] if script.is_file() else [sys.executable, "-m", "bitnet_a48.cli", *args]
+
+
+@pytest.mark.parametrize("command, options", [
+    ("convert", ["src", "--weight-format", "--quant-mode", "--dtype", "--kv-cache-bits"]),
+    ("export", ["src", "--weight-format", "--linear-class", "--dtype", "--no-quantization-config"]),
+    ("pack", ["src", "out"]),
+    ("generate", ["--prompt", "--max-new-tokens"]),
+])
+def test_help_of_every_command_prints_its_options(command: str, options: list[str]) -> None:
+    proc = subprocess.run(_console(command, "--help"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: bitnet-a48 {command}")
+    for option in options:
+        assert option in proc.stdout
+
+
+def test_help_answers_without_importing_torch_or_transformers() -> None:
+    """`--help` took 6-9 s when the package imported transformers eagerly; it takes about 0.2 s without."""
+    seconds = {}
+    for args in (["--help"], ["convert", "--help"]):
+        start = time.perf_counter()
+        proc = subprocess.run(_console(*args), capture_output=True, text=True, timeout=60)
+        seconds[" ".join(args)] = time.perf_counter() - start
+        assert proc.returncode == 0, proc.stderr
+    print(f"bitnet-a48 help times: {seconds}")
+    assert max(seconds.values()) < 3.0, seconds  # generous for a loaded machine; an eager import takes far longer
+
+
+def test_the_cli_imports_light_and_registers_on_first_use(saved: Saved) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+        import bitnet_a48.cli
+        print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+        import bitnet_a48
+        from transformers import AutoConfig
+        bitnet_a48.BitNetA48Config  # the first access imports and registers
+        print(type(AutoConfig.from_pretrained({str(saved.folder)!r})).__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["[]", "BitNetA48Config"]
+
+
+def test_importing_the_package_registers_the_auto_classes(saved: Saved) -> None:
+    """`import bitnet_a48` alone, no attribute touched, then transformers' Auto classes load our folder."""
+    script = textwrap.dedent(f"""
+        import bitnet_a48
+        from transformers import AutoModelForCausalLM
+        print(type(AutoModelForCausalLM.from_pretrained({str(saved.folder)!r})).__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["BitNetA48ForCausalLM"]

@@ -1,12 +1,15 @@
 """The ``bitnet-a48`` command line.
 
 Subcommands are registered in :data:`SUBCOMMANDS`: each entry is a function that adds its parser (with
-``set_defaults(func=...)``) to the subparsers. This module implements ``train``, ``quickstart`` and ``generate``.
+``set_defaults(func=...)``) to the subparsers. Building the parsers imports neither torch nor transformers, so
+``--help`` answers at once: each command imports what it needs when it runs, and :func:`main` registers the Auto
+classes first. Bad input (``ValueError``, ``FileNotFoundError``) ends as one ``error:`` line on stderr, exit status 2.
 
     bitnet-a48 quickstart                         # fp / b1.58 / a4.8 on the embedded Shakespeare corpus, ~12 min
     bitnet-a48 train --recipe a4.8 --data corpus.jsonl --preset small --output-dir runs/a48
     accelerate launch --num_processes 2 -m bitnet_a48.cli train --recipe a4.8 ...
     bitnet-a48 generate runs/a48/final --prompt "ROMEO:"
+    bitnet-a48 convert bitnet-b1.58-2B-4T-bf16 b158-latent --dtype fp32
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .training import RECIPE_ALIASES, RECIPE_LABELS, RECIPES, TRAIN_PRESETS
+from .checkpoint_files import validate_safetensors_files
+
+# Choices spelled out here rather than imported from training.py (which imports transformers' Trainer, seconds):
+# training.TRAIN_PRESETS and training.RECIPES / RECIPE_ALIASES, in that order; tests/test_cli.py checks they agree.
+TRAIN_PRESET_NAMES = ("tiny", "quickstart", "small", "700M", "1.3B", "3B", "7B", "2B-4T")
+RECIPE_NAMES = ("a4.8", "b1.58", "fp", "a8", "fp16", "full", "none")
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared options
@@ -47,7 +55,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
 
 def _add_schedule_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("schedule")
-    g.add_argument("--preset", default="quickstart", choices=list(TRAIN_PRESETS),
+    g.add_argument("--preset", default="quickstart", choices=TRAIN_PRESET_NAMES,
                    help="model shape and schedule (default: quickstart)")
     g.add_argument("--steps", "--max-steps", dest="steps", type=int, default=None, help="optimiser steps in total")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per optimiser step, all processes")
@@ -104,6 +112,20 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _check_model_folder(model: str, hub_names: bool = False) -> None:
+    """Before loading: a local folder needs a config.json and sound safetensors weights (`validate_safetensors_files`).
+
+    With ``hub_names``, a name that is not a local path (``org/model``) is left to transformers to resolve.
+    """
+    if not os.path.isdir(model):
+        if hub_names and not model.startswith((".", "/", "~")) and not os.path.exists(model):
+            return
+        raise FileNotFoundError(f"model folder not found: {model}")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise FileNotFoundError(f"{model}: no config.json, not a folder written by save_pretrained")
+    validate_safetensors_files(model)
+
+
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         value = getattr(args, name, None)
@@ -121,7 +143,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train one model on transformers' Trainer; resumable checkpoints, loss plot, "
                                    "validation perplexity and activation sparsity.")
     p.add_argument("--recipe", "--mode", dest="recipe", default="a4.8",
-                   choices=sorted(RECIPES) + sorted(RECIPE_ALIASES),
+                   choices=RECIPE_NAMES,
                    help="a4.8 (a8 then a4.8), b1.58 (= a8), fp (= none)")
     p.add_argument("--hidden-act", default=None, choices=["relu2", "silu"],
                    help="GLU activation (default: relu2 for a4.8 as in the paper, silu for b1.58 and fp as published)")
@@ -139,6 +161,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
     from .sparsity import format_sparsity_table, measure_sparsity
     from .training import (
+        RECIPE_LABELS,
         RecipeConfig,
         build_model,
         evaluate_perplexity,
@@ -214,6 +237,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
 
     from .sparsity import format_sparsity_table, measure_sparsity
     from .training import (
+        RECIPE_LABELS,
         RecipeConfig,
         build_model,
         evaluate_perplexity,
@@ -359,8 +383,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline, set_seed
 
     _check_positive(args, "max_new_tokens")
-    if not os.path.exists(args.model) and args.model.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model folder not found: {args.model}")
+    _check_model_folder(args.model, hub_names=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
@@ -374,27 +397,87 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# convert, export, pack (checkpoint tools of convert.py, which parse their own arguments)
+# convert, export, pack: the checkpoint tools of convert.py
 # ---------------------------------------------------------------------------------------------------------
 
-
-def _add_forwarding_parser(sub: argparse._SubParsersAction, name: str, entry: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, add_help=False, description=f"{help_text} (`{name} --help` for options)")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
-
-    def run(args: argparse.Namespace) -> int:
-        from . import convert
-
-        return getattr(convert, entry)(args.argv)
-
-    p.set_defaults(func=run)
+# Option values spelled out so that `--help` needs no torch; tests/test_cli.py checks them against convert.py's
+# DTYPES and LINEAR_CLASSES.
+DTYPE_NAMES = ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+LINEAR_CLASS_NAMES = ("autobitlinear", "bitlinear")
 
 
-def add_checkpoint_parsers(sub: argparse._SubParsersAction) -> None:
-    _add_forwarding_parser(sub, "convert", "main_convert",
-                           "convert a transformers bitnet (latent or packed) or llama folder into bitnet_a48")
-    _add_forwarding_parser(sub, "export", "main_export", "export a bitnet_a48 folder to transformers' bitnet format")
-    _add_forwarding_parser(sub, "pack", "main_pack", "pack a latent bitnet_a48 folder into 2-bit ternary weights")
+def _torch_dtype(name: str) -> Any:
+    from .convert import DTYPES
+
+    return DTYPES.get(name)  # None for "keep"
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert",
+                       help="convert a transformers bitnet (latent or packed) or llama folder into bitnet_a48",
+                       description="Convert a transformers bitnet (latent, or packed autobitlinear/bitlinear) or llama "
+                                   "folder (config.json and safetensors) into a bitnet_a48 folder.")
+    p.add_argument("src", help="source folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--weight-format", choices=("latent", "packed"), default="latent",
+                   help="latent (trainable, default) or packed 2-bit ternary weights (inference)")
+    p.add_argument("--quant-mode", choices=("a8", "a4.8", "none"), default="a8",
+                   help="arithmetic of the converted model (default a8: the b1.58 arithmetic of the checkpoints)")
+    p.add_argument("--dtype", choices=(*DTYPE_NAMES, "keep"), default="keep",
+                   help="cast the floating tensors to it (default: keep the source's dtypes)")
+    p.add_argument("--kv-cache-bits", type=int, default=3, help="KV-cache bits (default 3; 0: full precision)")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
+    from .convert import convert_checkpoint
+
+    convert_checkpoint(args.src, args.out, weight_format=args.weight_format, quant_mode=args.quant_mode,
+                       dtype=_torch_dtype(args.dtype), kv_cache_bits=args.kv_cache_bits or None)
+    print(f"wrote {args.weight_format} bitnet_a48 checkpoint to {args.out}")
+    return {"out": args.out}
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a bitnet_a48 folder to transformers' bitnet format",
+                       description="Write a bitnet_a48 folder as a transformers model_type 'bitnet' folder. "
+                                   "transformers' BitNet has only the b1.58 arithmetic (INT8 inputs).")
+    p.add_argument("src", help="bitnet_a48 folder (latent or packed)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--weight-format", choices=("latent", "packed"), default="latent",
+                   help="latent float weights with an online quantization_config (default), or packed uint8")
+    p.add_argument("--linear-class", choices=LINEAR_CLASS_NAMES, default="autobitlinear",
+                   help="packed only: autobitlinear (weight_scale = alpha, default) or bitlinear (1/alpha)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of the float tensors (default bf16)")
+    p.add_argument("--no-quantization-config", action="store_true",
+                   help="latent only: a plain full-precision BitNet config")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from .convert import export_checkpoint
+
+    export_checkpoint(args.src, args.out, weight_format=args.weight_format, linear_class=args.linear_class,
+                      dtype=_torch_dtype(args.dtype), with_quantization_config=not args.no_quantization_config)
+    print(f"wrote transformers bitnet ({args.weight_format}) checkpoint to {args.out}")
+    return {"out": args.out}
+
+
+def add_pack_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="pack a latent bitnet_a48 folder into 2-bit ternary weights",
+                       description="Load a latent bitnet_a48 folder, pack its projections into 2-bit ternary weights "
+                                   "and save the packed model.")
+    p.add_argument("src", help="latent bitnet_a48 folder")
+    p.add_argument("out", help="output folder")
+    p.set_defaults(func=cmd_pack)
+
+
+def cmd_pack(args: argparse.Namespace) -> dict[str, Any]:
+    from .convert import pack_checkpoint
+
+    pack_checkpoint(args.src, args.out)
+    print(f"wrote packed bitnet_a48 checkpoint to {args.out}")
+    return {"out": args.out}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -427,8 +510,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from .training import evaluate_perplexity, write_json
 
     _check_positive(args, "seq_len")
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"model folder not found: {args.model}")
+    _check_model_folder(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if args.quant_mode is not None:
@@ -490,6 +572,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
         _check_positive(args, name)
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2")
+    _check_model_folder(args.model, hub_names=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
     ids = torch.randint(3, model.config.vocab_size, (args.batch_size, args.prompt_tokens),
                         generator=torch.Generator().manual_seed(0))
@@ -520,7 +603,9 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_train_parser,
     add_quickstart_parser,
     add_generate_parser,
-    add_checkpoint_parsers,
+    add_convert_parser,
+    add_export_parser,
+    add_pack_parser,
     add_eval_parser,
     add_bench_parser,
 ]
@@ -535,13 +620,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand: 0 on success; bad input exits with status 2 and one line on stderr, as argparse does."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from . import register_auto_classes
+
+        register_auto_classes()  # the package skipped it for `bitnet-a48` (see bitnet_a48/__init__.py)
         result = args.func(args)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        parser.exit(2, f"bitnet-a48 {args.command}: error: {err}\n")
-    return result if isinstance(result, int) else 0  # the checkpoint tools return their exit status
+        # Bad input, a missing file or optional package: one line, no traceback. Other exceptions are bugs.
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        parser.exit(2, f"bitnet-a48 {args.command}: error: {message}\n")
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ high-precision copy of the weights is made.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint_files import PICKLE_SUFFIXES, validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
 from .modeling_bitnet_a48 import BitNetA48ForCausalLM, BitNetA48RotaryEmbedding
 from .packing import pack_ternary, packed_rows, unpack_ternary, validate_packed
@@ -89,9 +90,13 @@ class SafetensorsFolder:
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
-            pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+            pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
             hint = f" (found {pickled}: pickled tensors are not read, re-save them as safetensors)" if pickled else ""
             raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+        try:  # headers, sizes and the index checked first: safetensors' own errors name no file
+            validate_safetensors_files(folder)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
         self._stack = ExitStack()
         self._handles = [self._stack.enter_context(safe_open(str(folder / f), framework="pt")) for f in files]
         self._where: dict[str, Any] = {}
@@ -476,6 +481,10 @@ def pack_checkpoint(src: str | Path, dst: str | Path) -> BitNetA48ForCausalLM:
         raise CheckpointError(f"{src}: model_type {raw.get('model_type')!r} is not 'bitnet_a48'")
     if raw.get("weight_format") == "packed":
         raise CheckpointError(f"{src} is already packed")
+    try:
+        validate_safetensors_files(src)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     model = BitNetA48ForCausalLM.from_pretrained(str(src))
     model.pack()
     dst.mkdir(parents=True, exist_ok=True)
@@ -485,68 +494,30 @@ def pack_checkpoint(src: str | Path, dst: str | Path) -> BitNetA48ForCausalLM:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line (registered by cli.py as `bitnet-a48 convert|export|pack`)
+# Command line: `bitnet-a48 convert|export|pack`. cli.py defines the parsers, with the other subcommands, so that
+# `--help` needs no torch; these functions keep the Python entry points and return the exit status.
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _dtype_arg(name: str) -> torch.dtype | None:
-    if name == "keep":
-        return None
-    if name not in DTYPES:
-        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(DTYPES)} or 'keep', got {name!r}")
-    return DTYPES[name]
+def _run_command(command: str, argv: list[str] | None) -> int:
+    from .cli import main  # imported at call time: cli.py sits above this module
+
+    try:
+        return main([command, *(sys.argv[1:] if argv is None else argv)])
+    except SystemExit as stop:  # bad input: cli.main (as argparse) wrote one line to stderr and exits with status 2
+        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
 
 
 def main_convert(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bitnet-a48 convert",
-                                     description="Convert a transformers bitnet (latent or packed) or llama folder.")
-    parser.add_argument("src")
-    parser.add_argument("out")
-    parser.add_argument("--weight-format", choices=("latent", "packed"), default="latent")
-    parser.add_argument("--quant-mode", choices=("a8", "a4.8", "none"), default="a8")
-    parser.add_argument("--dtype", type=_dtype_arg, default=None, help="bf16, fp16, fp32 or keep (default)")
-    parser.add_argument("--kv-cache-bits", type=int, default=3, help="0 for a full-precision KV cache")
-    args = parser.parse_args(argv)
-    try:
-        convert_checkpoint(args.src, args.out, weight_format=args.weight_format, quant_mode=args.quant_mode,
-                           dtype=args.dtype, kv_cache_bits=args.kv_cache_bits or None)
-    except (CheckpointError, ValueError) as err:
-        print(f"bitnet-a48 convert: error: {err}")
-        return 2
-    print(f"wrote {args.weight_format} bitnet_a48 checkpoint to {args.out}")
-    return 0
+    """``bitnet-a48 convert SRC OUT [options]``: 0, or 2 after one error line on stderr."""
+    return _run_command("convert", argv)
 
 
 def main_export(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bitnet-a48 export",
-                                     description="Export a bitnet_a48 folder to transformers' bitnet format.")
-    parser.add_argument("src")
-    parser.add_argument("out")
-    parser.add_argument("--weight-format", choices=("latent", "packed"), default="latent")
-    parser.add_argument("--linear-class", choices=LINEAR_CLASSES, default="autobitlinear")
-    parser.add_argument("--dtype", type=_dtype_arg, default=torch.bfloat16, help="bf16 (default), fp16 or fp32")
-    parser.add_argument("--no-quantization-config", action="store_true",
-                        help="latent only: plain full-precision BitNet config")
-    args = parser.parse_args(argv)
-    try:
-        export_checkpoint(args.src, args.out, weight_format=args.weight_format, linear_class=args.linear_class,
-                          dtype=args.dtype or torch.bfloat16, with_quantization_config=not args.no_quantization_config)
-    except (CheckpointError, ValueError) as err:
-        print(f"bitnet-a48 export: error: {err}")
-        return 2
-    print(f"wrote transformers bitnet ({args.weight_format}) checkpoint to {args.out}")
-    return 0
+    """``bitnet-a48 export SRC OUT [options]``: 0, or 2 after one error line on stderr."""
+    return _run_command("export", argv)
 
 
 def main_pack(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bitnet-a48 pack", description="Pack a latent bitnet_a48 folder.")
-    parser.add_argument("src")
-    parser.add_argument("out")
-    args = parser.parse_args(argv)
-    try:
-        pack_checkpoint(args.src, args.out)
-    except (CheckpointError, ValueError) as err:
-        print(f"bitnet-a48 pack: error: {err}")
-        return 2
-    print(f"wrote packed bitnet_a48 checkpoint to {args.out}")
-    return 0
+    """``bitnet-a48 pack SRC OUT``: 0, or 2 after one error line on stderr."""
+    return _run_command("pack", argv)
