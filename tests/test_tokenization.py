@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bitnet_a48.tokenization_bitnet_a48 import (
@@ -39,7 +40,12 @@ def test_round_trip(tokenizer: PreTrainedTokenizerFast, text: str) -> None:
     ids = tokenizer(text)["input_ids"]
     assert ids[0] == tokenizer.bos_token_id  # encoding prepends <s>
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
-    assert tokenizer.unk_token_id is None or tokenizer.unk_token_id not in ids
+    # Byte-level: all 256 byte symbols are in the vocabulary, so no text needs an unknown token (there is none),
+    # and the text itself encodes to ordinary tokens only.
+    assert tokenizer.unk_token is None and tokenizer.backend_tokenizer.model.unk_token is None
+    assert set(pre_tokenizers.ByteLevel.alphabet()) <= set(tokenizer.get_vocab())
+    specials = {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}
+    assert not specials & set(ids[1:]) and all(0 <= i < len(tokenizer) for i in ids)
 
 
 def test_save_and_reload_with_auto_tokenizer(tokenizer: PreTrainedTokenizerFast, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from bitnet_a48 import cli
 from bitnet_a48.data import PackedDataset, load_documents, pack_documents
+from bitnet_a48.quantization import quantize_act_int4
 from bitnet_a48.sparsity import measure_sparsity
 from bitnet_a48.tokenization_bitnet_a48 import train_bpe_tokenizer
 from bitnet_a48.training import RecipeConfig, TrainResult, build_model, evaluate_perplexity, get_preset, train_recipe
@@ -115,7 +116,25 @@ def test_perplexity_and_sparsity(data: tuple) -> None:
     shares = measure_sparsity(model, valid.blocks, max_blocks=8)
     assert set(shares) >= {"qkv", "out", "up", "gate", "down", "overall"}
     assert shares["out"] >= 0.5  # TopK keeps ⌈0.5·d⌉ per token
-    assert shares["up"] >= max(shares["gate"], shares["up_input"])
+    # up: a multiply is skipped where its input is zero or the gate's activation is zero, so per token
+    # 1 - nnz(input)·nnz(gate output) / (d·f). Counted here with our own hooks on the one MLP.
+    mlp, seen = model.model.layers[0].mlp, {}
+    hooks = [mlp.up_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0])),
+             mlp.act_fn.register_forward_hook(lambda m, a, out: seen.__setitem__("g", out))]
+    skipped = []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, 8, 4):
+                model(input_ids=valid.blocks[i : i + 4], use_cache=False)
+                nnz_in = (quantize_act_int4(seen["x"]).codes != 0).float().mean(-1)
+                nnz_gate = (seen["g"] != 0).float().mean(-1)
+                skipped.append((1 - nnz_in * nnz_gate).flatten())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert shares["up"] == pytest.approx(torch.cat(skipped).mean().item(), abs=1e-6)
+    assert shares["up"] > shares["up_input"] + 0.2  # ReLU² zeroes most gate outputs: far more than the input zeros
     assert 0.02 < shares["qkv"] < 0.3  # INT4 absmean rounds roughly 12% of inputs to zero
     model.set_quant_mode("none")
     assert measure_sparsity(model, valid.blocks, max_blocks=8)["qkv"] == 0.0
