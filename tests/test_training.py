@@ -6,13 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from bitnet_a48 import cli
+from bitnet_a48 import cli, create_model
 from bitnet_a48.data import PackedDataset, load_documents, pack_documents
 from bitnet_a48.quantization import quantize_act_int4
 from bitnet_a48.sparsity import measure_sparsity
@@ -138,6 +139,25 @@ def test_perplexity_and_sparsity(data: tuple) -> None:
     assert 0.02 < shares["qkv"] < 0.3  # INT4 absmean rounds roughly 12% of inputs to zero
     model.set_quant_mode("none")
     assert measure_sparsity(model, valid.blocks, max_blocks=8)["qkv"] == 0.0
+
+
+def test_reentrant_activation_checkpointing_gives_the_same_gradients_bit_for_bit(tiny_config_kwargs: dict) -> None:
+    # use_reentrant=True runs each layer without grad, then again with grad in the backward: the quantisers give
+    # the same values both times (quantization.ste), so nothing differs from a run without checkpointing.
+    plain = create_model(**tiny_config_kwargs).train()
+    checkpointed = create_model(**tiny_config_kwargs).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    ids = torch.randint(3, 101, (2, 10))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        losses = [model(ids, labels=ids).loss for model in (plain, checkpointed)]
+        for loss in losses:
+            loss.backward()
+    assert not [str(w.message) for w in caught if "deprecated" in str(w.message)]
+    assert checkpointed.is_activation_checkpointing and torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
 
 
 def test_quickstart_two_steps_writes_summary(play_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
