@@ -483,6 +483,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         """Drop the last ``-tokens_to_remove`` tokens (a positive value is the legacy `max_length`, as in 5.x)."""
         if not self.is_initialized:
             return
+        tokens_to_remove = int(tokens_to_remove)  # some releases pass a 0-dim tensor
         seq_len = int(self.get_seq_length())
         new_len = seq_len + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, seq_len)
         new_len = max(new_len, 0)
