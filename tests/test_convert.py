@@ -265,4 +265,4 @@ def test_command_line_entry_points(latent_dir: Path, tmp_path: Path, capsys: pyt
     assert main_export([str(tmp_path / "packed"), str(tmp_path / "hf"), "--weight-format", "packed"]) == 0
     assert load_file(str(tmp_path / "hf" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].shape == (40, 64)
     assert main_convert([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
-    assert "no config.json" in capsys.readouterr().out
+    assert "no config.json" in capsys.readouterr().err
