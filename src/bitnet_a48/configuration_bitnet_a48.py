@@ -6,9 +6,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-QUANT_MODES = ("a4.8", "a8", "none")
+from .quantization import ACT4_FORMATS, QUANT_MODES
+
 HIDDEN_ACTS = ("relu2", "silu")
-ACT4_FORMATS = ("int4", "fp4")
 KV_CACHE_BITS = (2, 3, 4, 8)
 WEIGHT_FORMATS = ("latent", "packed")
 

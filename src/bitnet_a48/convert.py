@@ -47,6 +47,7 @@ from .checkpoint_files import PICKLE_SUFFIXES, validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
 from .modeling_bitnet_a48 import BitNetA48ForCausalLM, BitNetA48RotaryEmbedding
 from .packing import pack_ternary, packed_rows, unpack_ternary, validate_packed
+from .projections import INTERMEDIATE, PROJECTIONS, QUERY, dimension
 from .quantization import QUANT_EPS, quantize_weight_ternary
 
 SOURCE_MODEL_TYPES = ("bitnet", "llama")
@@ -134,27 +135,21 @@ def read_config_json(folder: str | Path) -> dict[str, Any]:
 
 def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
     """``(out, in)`` of every projection of the model, by state-dict prefix (``model.layers.i.self_attn.q_proj``)."""
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q, kv, ffn = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.intermediate_size
-    per_layer = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
-                 "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden),
-                 "mlp.down_proj": (hidden, ffn)}
-    return {f"model.layers.{i}.{name}": shape for i in range(config.num_hidden_layers)
-            for name, shape in per_layer.items()}
+    per_layer = {p.path: p.shape(config) for p in PROJECTIONS}
+    return {f"model.layers.{i}.{path}": shape for i in range(config.num_hidden_layers)
+            for path, shape in per_layer.items()}
 
 
 def norm_shapes(config: Any, with_sub_norms: bool = True) -> dict[str, int]:
     """Width of every RMSNorm weight by state-dict key."""
     hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     shapes = {"model.norm.weight": hidden}
     for i in range(config.num_hidden_layers):
         shapes[f"model.layers.{i}.input_layernorm.weight"] = hidden
         shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = hidden
         if with_sub_norms:
-            shapes[f"model.layers.{i}.self_attn.attn_sub_norm.weight"] = config.num_attention_heads * head_dim
-            shapes[f"model.layers.{i}.mlp.ffn_sub_norm.weight"] = config.intermediate_size
+            shapes[f"model.layers.{i}.self_attn.attn_sub_norm.weight"] = dimension(config, QUERY)
+            shapes[f"model.layers.{i}.mlp.ffn_sub_norm.weight"] = dimension(config, INTERMEDIATE)
     return shapes
 
 

@@ -30,21 +30,14 @@ from .bitlinear import BitLinear
 from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIELD, resolve_cache_argument
 from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
 from .configuration_bitnet_a48 import BitNetA48Config
-
-PROJECTION_ROLES: dict[str, str] = {
-    "q_proj": "qkv",
-    "k_proj": "qkv",
-    "v_proj": "qkv",
-    "o_proj": "o",
-    "gate_proj": "gate_up",
-    "up_proj": "gate_up",
-    "down_proj": "down",
-}
+from .projections import INTERMEDIATE, QUERY, Projection, dimension, is_projection, projections_of
+from .projections import PROJECTION_ROLES as PROJECTION_ROLES  # the table's name -> role, kept importable here
 
 
-def make_projection(config: BitNetA48Config, in_features: int, out_features: int, role: str) -> nn.Module:
-    """The projection module for ``config.weight_format``: a latent ``BitLinear`` or a packed ternary layer."""
-    kwargs = dict(role=role, quant_mode=config.quant_mode, topk_ratio=config.topk_ratio,
+def make_projection(config: BitNetA48Config, spec: Projection) -> nn.Module:
+    """The projection of table row ``spec`` for ``config.weight_format``: a latent ``BitLinear`` or a packed layer."""
+    in_features, out_features = spec.in_features(config), spec.out_features(config)
+    kwargs = dict(role=spec.role, quant_mode=config.quant_mode, topk_ratio=config.topk_ratio,
                   act4_format=config.act4_format)
     if config.weight_format == "packed":
         from .packed_bitlinear import PackedBitLinear
@@ -104,12 +97,10 @@ class BitNetA48MLP(nn.Module):
 
     def __init__(self, config: BitNetA48Config) -> None:
         super().__init__()
-        h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = make_projection(config, h, f, "gate_up")
-        self.up_proj = make_projection(config, h, f, "gate_up")
-        self.down_proj = make_projection(config, f, h, "down")
+        for spec in projections_of("mlp"):  # gate_proj, up_proj, down_proj (projections.py)
+            self.add_module(spec.name, make_projection(config, spec))
         self.act_fn = make_activation(config.hidden_act)
-        self.ffn_sub_norm = BitNetA48RMSNorm(f, eps=config.rms_norm_eps)
+        self.ffn_sub_norm = BitNetA48RMSNorm(dimension(config, INTERMEDIATE), eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ffn_sub_norm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
@@ -171,13 +162,9 @@ class BitNetA48Attention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        q_dim = config.num_attention_heads * self.head_dim
-        kv_dim = config.num_key_value_heads * self.head_dim
-        self.q_proj = make_projection(config, config.hidden_size, q_dim, "qkv")
-        self.k_proj = make_projection(config, config.hidden_size, kv_dim, "qkv")
-        self.v_proj = make_projection(config, config.hidden_size, kv_dim, "qkv")
-        self.o_proj = make_projection(config, q_dim, config.hidden_size, "o")
-        self.attn_sub_norm = BitNetA48RMSNorm(q_dim, eps=config.rms_norm_eps)
+        for spec in projections_of("self_attn"):  # q_proj, k_proj, v_proj, o_proj (projections.py)
+            self.add_module(spec.name, make_projection(config, spec))
+        self.attn_sub_norm = BitNetA48RMSNorm(dimension(config, QUERY), eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -583,5 +570,5 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
         return {
             name: module
             for name, module in self.named_modules()
-            if name.rsplit(".", 1)[-1] in PROJECTION_ROLES
+            if is_projection(name)
         }

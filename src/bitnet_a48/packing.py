@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from .projections import INTERMEDIATE, PROJECTIONS, QUERY, dimension
+
 VALUES_PER_BYTE = 4
 BITS_PER_VALUE = 2
 CODE_MASK = 0b11
@@ -136,21 +138,8 @@ def check_matmul_operands(
 
 
 def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
-    """``(out, in)`` of the seven BitLinear projections of one decoder layer of a BitNet a4.8 config."""
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_out = config.num_attention_heads * head_dim
-    kv_out = config.num_key_value_heads * head_dim
-    ffn = config.intermediate_size
-    return {
-        "q_proj": (q_out, hidden),
-        "k_proj": (kv_out, hidden),
-        "v_proj": (kv_out, hidden),
-        "o_proj": (hidden, q_out),
-        "gate_proj": (ffn, hidden),
-        "up_proj": (ffn, hidden),
-        "down_proj": (hidden, ffn),
-    }
+    """``(out, in)`` of the seven BitLinear projections of one decoder layer of a BitNet a4.8 config, by name."""
+    return {p.name: p.shape(config) for p in PROJECTIONS}
 
 
 def weight_bytes(config: Any, weight_format: str = "packed", high_precision_bytes: int = 2) -> dict[str, int]:
@@ -172,8 +161,8 @@ def weight_bytes(config: Any, weight_format: str = "packed", high_precision_byte
     projections = per_layer * config.num_hidden_layers
     hidden = config.hidden_size
     # input_layernorm, post_attention_layernorm, attn_sub_norm (width q_out), ffn_sub_norm (width ffn); final norm.
-    q_out = projection_shapes(config)["o_proj"][1]
-    norms = (config.num_hidden_layers * (2 * hidden + q_out + config.intermediate_size) + hidden) * hp
+    sub_norms = dimension(config, QUERY) + dimension(config, INTERMEDIATE)
+    norms = (config.num_hidden_layers * (2 * hidden + sub_norms) + hidden) * hp
     embeddings = config.vocab_size * hidden * hp
     lm_head = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * hidden * hp
     total = projections + norms + embeddings + lm_head

@@ -26,10 +26,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .projections import PROJECTION_BY_NAME
 from .quantization import quantize_act
 
-PROJECTIONS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "out", "gate_proj": "gate",
-               "up_proj": "up", "down_proj": "down"}
 REPORT_KEYS = ("qkv", "out", "up", "gate", "down", "overall")
 
 
@@ -56,9 +55,9 @@ class SparsityMeter:
         found = False
         for name, module in self.model.named_modules():
             leaf = name.rsplit(".", 1)[-1]
-            if leaf in PROJECTIONS:
+            if leaf in PROJECTION_BY_NAME:
                 found = True
-                kind = PROJECTIONS[leaf]
+                kind = PROJECTION_BY_NAME[leaf].group  # the paper's Table 2 column
                 self.params[kind] += module.in_features * module.out_features
                 self._handles.append(module.register_forward_pre_hook(self._projection_hook(name, kind)))
             elif leaf == "act_fn":
