@@ -1,12 +1,15 @@
-"""2-bit ternary packing: round trip, the transformers ``bitnet`` layout, invalid codes, model weight bytes."""
+"""2-bit ternary packing: round trip, the transformers ``bitnet`` layout, invalid codes, model weight bytes and the
+projection table they are counted from."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitnet_a48 import config_from_preset
+from bitnet_a48 import config_from_preset, create_model
 from bitnet_a48.packing import pack_ternary, packed_rows, unpack_ternary, validate_packed, weight_bytes
+from bitnet_a48.projections import PROJECTIONS, is_projection, projection_shape
+from bitnet_a48.quantization import ROLES
 
 
 def _random_codes(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -96,3 +99,27 @@ def test_weight_bytes_counts_tied_embeddings_once() -> None:
     config = config_from_preset("2B-4T")
     assert weight_bytes(config, "packed")["lm_head"] == 0
     assert weight_bytes(config_from_preset("7B"), "packed")["lm_head"] == 32000 * 4096 * 2
+
+
+@pytest.mark.parametrize("weight_format", ["latent", "packed"])
+def test_projection_table_matches_the_built_model_and_its_bytes(weight_format: str) -> None:
+    # GQA with a head_dim that is not hidden / heads, so q, kv and hidden widths all differ.
+    model = create_model(vocab_size=50, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=10, weight_format=weight_format)
+    config = model.config
+    assert projection_shape(config, "q_proj") == (40, 48) and projection_shape(config, "k_proj") == (20, 48)
+    assert projection_shape(config, "o_proj") == (48, 40) and projection_shape(config, "down_proj") == (48, 80)
+    layer = model.model.layers[1]
+    for spec in PROJECTIONS:
+        module = layer.get_submodule(spec.path)
+        assert spec.role in ROLES and module.role == spec.role, spec.name
+        assert (module.out_features, module.in_features) == spec.shape(config), spec.name
+    assert len(model.projections()) == len(PROJECTIONS) * config.num_hidden_layers
+    # The byte count reads the same table: compare it with the tensors the model holds (fp32 here, 4 bytes).
+    counted = weight_bytes(config, weight_format, high_precision_bytes=4)
+    held: dict[str, int] = {"projections": 0, "norms": 0}
+    for key, tensor in model.state_dict().items():
+        kind = "projections" if is_projection(key.rsplit(".", 1)[0]) else "norms" if "norm" in key else None
+        if kind is not None:
+            held[kind] += tensor.numel() * tensor.element_size()
+    assert (counted["projections"], counted["norms"]) == (held["projections"], held["norms"])
