@@ -1,7 +1,22 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
-from bitnet_a48 import PRESETS, BitNetA48Config, config_from_preset, create_model
+from bitnet_a48 import (
+    PRESETS,
+    BitNetA48Config,
+    BitNetA48ForCausalLM,
+    config_from_preset,
+    configuration_bitnet_a48,
+    create_model,
+    quantization,
+)
 
 
 def test_defaults_and_round_trip(tmp_path) -> None:
@@ -69,3 +84,66 @@ def test_seed_readme_entry_point_7b_on_meta() -> None:
     assert outputs.logits.shape == (1, 8, 32000)
     n_params = sum(p.numel() for p in model.parameters())
     assert 6.5e9 < n_params < 7.0e9, n_params
+
+
+def test_mode_and_format_choices_have_one_definition() -> None:
+    assert configuration_bitnet_a48.QUANT_MODES is quantization.QUANT_MODES
+    assert configuration_bitnet_a48.ACT4_FORMATS is quantization.ACT4_FORMATS
+
+
+def test_no_tensor_parallel_plan(tiny_config_kwargs: dict) -> None:
+    # Shards would see other weight/activation scales and TopK choices than the whole tensor (and packed rows are
+    # interleaved), so neither the config nor the model may offer a plan that tp_plan="auto" would apply.
+    assert not BitNetA48Config.base_model_tp_plan and not BitNetA48ForCausalLM._tp_plan
+    model = create_model(**tiny_config_kwargs)
+    assert not model.config.base_model_tp_plan and not model.model._tp_plan
+    assert not model.tp_plan and not model.supports_tp_plan
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="needs torch.distributed with gloo")
+def test_tp_plan_auto_on_two_processes_is_refused_not_sharded(tiny_config_kwargs: dict, tmp_path) -> None:
+    # The real path: two CPU processes (gloo) load with tp_plan="auto". transformers stops with its "has no
+    # `tp_plan`" error; a release that loaded anyway must leave every weight whole and give the same logits.
+    model = create_model(**tiny_config_kwargs).eval()
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(3, 101, (1, 6))
+    expected = model(ids).logits
+    script = textwrap.dedent(f"""
+        import json, warnings
+        import torch
+        from transformers import AutoModelForCausalLM
+        import bitnet_a48  # registers the Auto classes
+        warnings.simplefilter("ignore")
+        try:
+            model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r}, tp_plan="auto").eval()
+        except Exception as err:
+            print(json.dumps({{"error": f"{{type(err).__name__}}: {{err}}"}}))
+        else:
+            sharded = [n for n, p in model.named_parameters() if type(p.data).__name__ == "DTensor"]
+            with torch.no_grad():
+                logits = model(torch.tensor({ids.tolist()})).logits
+            print(json.dumps({{"sharded": sharded, "logits": logits.tolist()}}))
+    """)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        if "error" in result:
+            assert "tp_plan" in result["error"] or "tensor parallel" in result["error"].lower(), result["error"]
+        else:
+            assert result["sharded"] == []
+            torch.testing.assert_close(torch.tensor(result["logits"]), expected)

@@ -80,15 +80,14 @@ class BitNetA48Config(PretrainedConfig):
 
     model_type = "bitnet_a48"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
+    # No tensor-parallel plan: sharded projections would compute other numbers. The weight scale is the absmean of
+    # the WHOLE weight, the INT8/INT4 activation scales the absmax/absmean of a token's whole input, and TopK chooses
+    # among the whole o_proj input: a shard of the outputs (colwise) gets another weight scale, a shard of the inputs
+    # (rowwise) other activation scales and TopK choices as well. And the packed layout puts output rows r, R+r,
+    # 2R+r, 3R+r in byte row r, so a slice of its rows is not a block of outputs. Without a plan, tp_plan="auto" on
+    # several processes stops with transformers' "has no `tp_plan`" error (tests/test_config.py) instead of
+    # sharding wrongly.
+    base_model_tp_plan = None
 
     def __init__(
         self,

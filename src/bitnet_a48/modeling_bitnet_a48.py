@@ -387,7 +387,7 @@ class BitNetA48Model(BitNetA48PreTrainedModel):
 
 class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_rep"}
+    # No `_tp_plan`, not even for lm_head: see `BitNetA48Config.base_model_tp_plan`.
 
     def __init__(self, config: BitNetA48Config) -> None:
         super().__init__(config)
