@@ -294,6 +294,15 @@ class BitNetA48PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on in any layer.
+
+        transformers 5.24 renamed this `is_activation_checkpointing` and warns on the old name, which PEFT (0.21) still
+        reads when it wraps a model; answered here from the layers' own flags, under both names, without a warning.
+        """
+        return any(getattr(module, "gradient_checkpointing", False) for module in self.modules())
+
 
 class BitNetA48Model(BitNetA48PreTrainedModel):
     def __init__(self, config: BitNetA48Config) -> None:

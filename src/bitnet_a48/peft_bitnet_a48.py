@@ -23,9 +23,6 @@ absorb a rank-r update); load the latent base, apply the adapter, merge, then ``
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -106,15 +103,6 @@ def _register_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
     return config
 
 
-@contextmanager
-def _peft_reads_deprecated_alias() -> Iterator[None]:
-    # PEFT 0.21's PeftModel.__init__ reads `model.is_gradient_checkpointing`, which transformers 5 deprecated in
-    # favour of `is_activation_checkpointing` with a FutureWarning the user can do nothing about.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
-
-
 def lora_config(model: nn.Module, **kwargs: Any) -> LoraConfig:
     """A ``LoraConfig`` for a latent (``"all-linear"``) or packed (explicit names) BitNet model, with our layers."""
     kwargs.setdefault("task_type", "CAUSAL_LM")
@@ -124,15 +112,13 @@ def lora_config(model: nn.Module, **kwargs: Any) -> LoraConfig:
 
 def add_lora(model: nn.Module, **kwargs: Any) -> PeftModel:
     """Wrap ``model`` with LoRA adapters (``r``, ``lora_alpha``, ``lora_dropout`` … as ``LoraConfig``)."""
-    with _peft_reads_deprecated_alias():
-        return get_peft_model(model, lora_config(model, **kwargs))
+    return get_peft_model(model, lora_config(model, **kwargs))
 
 
 def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
     """Load saved adapters onto ``model`` with this package's LoRA layers."""
     config = _register_layers(LoraConfig.from_pretrained(adapter_dir), model)
-    with _peft_reads_deprecated_alias():
-        return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
+    return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
 
 
 def merge_lora(peft_model: PeftModel) -> nn.Module:
