@@ -202,9 +202,15 @@ def test_pipeline_text_generation(model: BitNetA48ForCausalLM) -> None:
     tokenizer = _tiny_tokenizer()
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    out = generator("w1 w2 w3", max_new_tokens=4, do_sample=False)
+    out = generator("w1 w2 w3", max_new_tokens=4, min_new_tokens=4, do_sample=False)
     text = out[0]["generated_text"]
-    assert text.startswith("w1 w2 w3") and len(text.split()) >= 4
+    # the pipeline's text is the prompt and the four tokens greedy generate() picks, decoded
+    ids = tokenizer("w1 w2 w3", return_tensors="pt").input_ids
+    expected = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert expected.shape[1] == ids.shape[1] + 4
+    assert text.startswith("w1 w2 w3")
+    new_words = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).split()
+    assert len(new_words) == 4 and text[len("w1 w2 w3") :].split() == new_words
 
 
 def test_bf16_load_and_autocast_training(model: BitNetA48ForCausalLM, tmp_path) -> None:
