@@ -200,3 +200,22 @@ def test_generate_on_a_corrupt_folder_fails_with_one_line(tmp_path: Path) -> Non
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert lines == [f"bitnet-a48 generate: error: {path}: truncated: header says 32 bytes of tensor data, "
                      "file has 27"], proc.stderr
+
+
+def test_from_pretrained_checks_the_files_and_loads_safetensors_only(tmp_path: Path, tiny_config_kwargs: dict) -> None:
+    from bitnet_a48 import create_model
+    from bitnet_a48.modeling_bitnet_a48 import BitNetA48ForCausalLM
+
+    folder = tmp_path / "model"
+    create_model(**tiny_config_kwargs).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    assert BitNetA48ForCausalLM.from_pretrained(folder) is not None
+    with pytest.raises(ValueError, match="safetensors weights only"):
+        BitNetA48ForCausalLM.from_pretrained(folder, use_safetensors=False)
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=rf"^{weights}: truncated: header says \d+ bytes of tensor data, file has \d+$"):
+        BitNetA48ForCausalLM.from_pretrained(folder)
+    header, data = _split(_save(tmp_path / "x.safetensors"))
+    _write(weights, b"{not json" + b" " * 7, data)
+    with pytest.raises(ValueError, match=rf"^{weights}: "):
+        BitNetA48ForCausalLM.from_pretrained(folder)

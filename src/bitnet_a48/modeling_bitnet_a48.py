@@ -12,6 +12,7 @@ paper). Module and state-dict names equal transformers' ``BitNetForCausalLM``, s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .bitlinear import BitLinear
 from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIELD, resolve_cache_argument
 from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
+from .checkpoint_files import validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
 from .projections import INTERMEDIATE, QUERY, Projection, dimension, is_projection, projections_of
 from .projections import PROJECTION_ROLES as PROJECTION_ROLES  # the table's name -> role, kept importable here
@@ -489,8 +491,16 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
         """transformers' `from_pretrained`, made strict: a missing or mis-shaped tensor is an error naming it.
 
         transformers only warns about missing weights and initialises them at random; a quantised model that loads
-        half-random gives plausible-looking garbage, so here it is refused.
+        half-random gives plausible-looking garbage, so here it is refused. Weights load from safetensors only, and the
+        files of a local folder are checked first (`checkpoint_files.py`): a truncated file or a bad header is one
+        `ValueError` naming the file.
         """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(f"{cls.__name__} loads safetensors weights only (use_safetensors=False was passed)")
+        kwargs["use_safetensors"] = True  # never unpickle a checkpoint
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if source is not None and os.path.isdir(source):  # a local folder: one clear line for a bad file
+            validate_safetensors_files(os.path.join(source, kwargs.get("subfolder") or ""))
         want_info = kwargs.pop("output_loading_info", False)
         # Let transformers collect the mismatched shapes (instead of failing with a generic message) and refuse below.
         kwargs["ignore_mismatched_sizes"] = True
