@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -213,9 +214,10 @@ def test_from_pretrained_checks_the_files_and_loads_safetensors_only(tmp_path: P
     with pytest.raises(ValueError, match="safetensors weights only"):
         BitNetA48ForCausalLM.from_pretrained(folder, use_safetensors=False)
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=rf"^{weights}: truncated: header says \d+ bytes of tensor data, file has \d+$"):
+    name = re.escape(str(weights))
+    with pytest.raises(ValueError, match=rf"^{name}: truncated: header says \d+ bytes of tensor data, file has \d+$"):
         BitNetA48ForCausalLM.from_pretrained(folder)
     header, data = _split(_save(tmp_path / "x.safetensors"))
     _write(weights, b"{not json" + b" " * 7, data)
-    with pytest.raises(ValueError, match=rf"^{weights}: "):
+    with pytest.raises(ValueError, match=rf"^{name}: "):
         BitNetA48ForCausalLM.from_pretrained(folder)
