@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from bitnet_a48 import config_from_preset, create_model
 from bitnet_a48.packing import pack_ternary, packed_rows, unpack_ternary, validate_packed, weight_bytes
-from bitnet_a48.projections import PROJECTIONS, is_projection, projection_shape
+from bitnet_a48.projections import PROJECTION_BY_NAME, PROJECTIONS, is_projection
 from bitnet_a48.quantization import ROLES
 
 
@@ -107,8 +107,9 @@ def test_projection_table_matches_the_built_model_and_its_bytes(weight_format: s
     model = create_model(vocab_size=50, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=10, weight_format=weight_format)
     config = model.config
-    assert projection_shape(config, "q_proj") == (40, 48) and projection_shape(config, "k_proj") == (20, 48)
-    assert projection_shape(config, "o_proj") == (48, 40) and projection_shape(config, "down_proj") == (48, 80)
+    shape = {name: p.shape(config) for name, p in PROJECTION_BY_NAME.items()}
+    assert shape["q_proj"] == (40, 48) and shape["k_proj"] == (20, 48)
+    assert shape["o_proj"] == (48, 40) and shape["down_proj"] == (48, 80)
     layer = model.model.layers[1]
     for spec in PROJECTIONS:
         module = layer.get_submodule(spec.path)

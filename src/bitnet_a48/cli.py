@@ -24,8 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_files import validate_safetensors_files
-
 # Choices spelled out here rather than imported from training.py (which imports transformers' Trainer, seconds):
 # training.TRAIN_PRESETS and training.RECIPES / RECIPE_ALIASES, in that order; tests/test_cli.py checks they agree.
 TRAIN_PRESET_NAMES = ("tiny", "quickstart", "small", "700M", "1.3B", "3B", "7B", "2B-4T")
@@ -113,7 +111,7 @@ def _is_main_process() -> bool:
 
 
 def _check_model_folder(model: str, hub_names: bool = False) -> None:
-    """Before loading: a local folder needs a config.json and sound safetensors weights (`validate_safetensors_files`).
+    """Before loading: a local folder needs a config.json (`from_pretrained` then checks its safetensors files).
 
     With ``hub_names``, a name that is not a local path (``org/model``) is left to transformers to resolve.
     """
@@ -123,7 +121,6 @@ def _check_model_folder(model: str, hub_names: bool = False) -> None:
         raise FileNotFoundError(f"model folder not found: {model}")
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise FileNotFoundError(f"{model}: no config.json, not a folder written by save_pretrained")
-    validate_safetensors_files(model)
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:

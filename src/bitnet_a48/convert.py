@@ -476,11 +476,7 @@ def pack_checkpoint(src: str | Path, dst: str | Path) -> BitNetA48ForCausalLM:
         raise CheckpointError(f"{src}: model_type {raw.get('model_type')!r} is not 'bitnet_a48'")
     if raw.get("weight_format") == "packed":
         raise CheckpointError(f"{src} is already packed")
-    try:
-        validate_safetensors_files(src)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
-    model = BitNetA48ForCausalLM.from_pretrained(str(src))
+    model = BitNetA48ForCausalLM.from_pretrained(str(src))  # checks the safetensors files first
     model.pack()
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)

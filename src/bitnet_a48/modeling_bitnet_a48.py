@@ -28,7 +28,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .bitlinear import BitLinear
-from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIELD, resolve_cache_argument
+from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIELD, output_cache, resolve_cache_argument
 from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
 from .checkpoint_files import validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
@@ -52,7 +52,7 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """One clear error for a token id outside [0, vocab_size) (the embedding lookup would raise a bare IndexError)."""
     if input_ids.numel() == 0 or input_ids.device.type == "meta":  # meta tensors have no values to read
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = (int(v) for v in torch.aminmax(input_ids))  # one pass, one read-back
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(
@@ -429,12 +429,12 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
         `cache` is the KV cache (`past_key_values`, its name before transformers 5.24, works too); the output carries
         it in the field the installed transformers names (`cache` from 5.24, `past_key_values` before).
         """
-        cache = resolve_cache_argument(cache, past_key_values, kwargs)
-        outputs = self.model(
+        outputs = self.model(  # the base model resolves the two cache names (and refuses foreign ones)
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
+            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -457,7 +457,7 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **{OUTPUT_CACHE_FIELD: getattr(outputs, OUTPUT_CACHE_FIELD)},
+            **{OUTPUT_CACHE_FIELD: output_cache(outputs)},
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()

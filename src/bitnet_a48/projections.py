@@ -84,26 +84,13 @@ PROJECTIONS: tuple[Projection, ...] = (
     Projection("up_proj", "mlp", "gate_up", "up", HIDDEN, INTERMEDIATE),
     Projection("down_proj", "mlp", "down", "down", INTERMEDIATE, HIDDEN),
 )
-PROJECTION_NAMES: tuple[str, ...] = tuple(p.name for p in PROJECTIONS)
 PROJECTION_BY_NAME: dict[str, Projection] = {p.name: p for p in PROJECTIONS}
 PROJECTION_ROLES: dict[str, str] = {p.name: p.role for p in PROJECTIONS}
-
-
-def projection(name: str) -> Projection:
-    """The table row of the projection called ``name`` (``"q_proj"`` … ``"down_proj"``)."""
-    if name not in PROJECTION_BY_NAME:
-        raise ValueError(f"unknown projection {name!r}; expected one of {PROJECTION_NAMES}")
-    return PROJECTION_BY_NAME[name]
 
 
 def projections_of(module: str) -> tuple[Projection, ...]:
     """The rows whose parent module is ``module`` (``"self_attn"`` or ``"mlp"``), in table order."""
     return tuple(p for p in PROJECTIONS if p.module == module)
-
-
-def projection_shape(config: Any, name: str) -> tuple[int, int]:
-    """``(out, in)`` of the projection called ``name`` in a model of ``config``."""
-    return projection(name).shape(config)
 
 
 def is_projection(qualified_name: str) -> bool:
