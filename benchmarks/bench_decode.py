@@ -4,11 +4,12 @@ Shape: the 2B-4T layers (hidden 2560, FFN 6912, 20 heads, 5 KV heads, vocabulary
 few layers (``--layers``, default 4). Every model holds random weights. Models:
 
 - ``a4.8 packed``: ``BitNetA48ForCausalLM`` with ``weight_format="packed"``, weights held at 2 bits
-  (``cpu_layout="packed"``), ``impl="inductor"`` (what ``"auto"`` picks on CPU: the fused GEMV of
-  ``kernels_cpu_gemv`` for M ≤ 2, ``_int_mm`` on unpacked chunks above), ``kv_cache_bits=None`` (``DynamicCache``).
-- ``a4.8 packed, eager``: the same with ``impl="torch"`` (``_int_mm`` on unpacked chunks at every M).
-- ``a4.8 int8``: ``cpu_layout="int8"`` (an int8 copy of the codes beside the packed bytes, bare ``_int_mm``).
-- ``a4.8 packed + KV3``: ``a4.8 packed`` with the default 3-bit KV cache (``kv_cache_bits=3``).
+  (``cpu_layout="packed"``), ``impl="auto"`` (on CPU: the native kernels of ``kernels_cpu_native``, the ISA path
+  the CPU has unless ``BITNET_A48_CPU_ISA`` forces one), ``kv_cache_bits=None`` (``DynamicCache``).
+- ``a4.8 packed, torch``: the same with ``impl="torch"`` (``_int_mm`` on unpacked chunks, the reference).
+- ``a4.8 int8``: ``impl="torch"``, ``cpu_layout="int8"`` (an int8 copy of the codes beside the packed bytes).
+- ``a4.8 packed + KV3``: ``a4.8 packed`` with the default 3-bit KV cache (``kv_cache_bits=3``): what a user gets.
+- ``a4.8 packed + KV3, int8 head``: the same after ``model.quantize_lm_head("int8")``.
 - ``LLaMA bf16`` / ``LLaMA fp32``: ``LlamaForCausalLM`` (SiLU, no SubLN).
 - ``HF BitNet bitlinear``: ``BitNetForCausalLM`` whose projections ``replace_with_bitnet_linear`` turned into
   ``BitLinear`` (packed uint8, unpacked to bf16 every forward); ``HF BitNet autobitlinear``: offline
@@ -56,9 +57,10 @@ PROMPT_LEN = 16
 BASELINE = "LLaMA bf16"
 MODELS = (
     "a4.8 packed",
-    "a4.8 packed, eager",
+    "a4.8 packed, torch",
     "a4.8 int8",
     "a4.8 packed + KV3",
+    "a4.8 packed + KV3, int8 head",
     "LLaMA bf16",
     "LLaMA fp32",
     "HF BitNet bitlinear",
@@ -138,13 +140,16 @@ def build(label: str, layers: int, ours_dtype: torch.dtype) -> Entry:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         if label == "a4.8 packed":
-            return Entry(label, build_ours(layers, "packed", "inductor", ours_dtype, gen))
-        if label == "a4.8 packed, eager":
+            return Entry(label, build_ours(layers, "packed", "auto", ours_dtype, gen))
+        if label == "a4.8 packed, torch":
             return Entry(label, build_ours(layers, "packed", "torch", ours_dtype, gen))
         if label == "a4.8 int8":
             return Entry(label, build_ours(layers, "int8", "torch", ours_dtype, gen))
         if label == "a4.8 packed + KV3":
-            return Entry(label, build_ours(layers, "packed", "inductor", ours_dtype, gen), kv_cache_bits=3)
+            return Entry(label, build_ours(layers, "packed", "auto", ours_dtype, gen), kv_cache_bits=3)
+        if label == "a4.8 packed + KV3, int8 head":
+            model = build_ours(layers, "packed", "auto", ours_dtype, gen).quantize_lm_head("int8")
+            return Entry(label, model, kv_cache_bits=3)
         if label == "LLaMA bf16":
             return Entry(label, build_llama(layers, torch.bfloat16))
         if label == "LLaMA fp32":

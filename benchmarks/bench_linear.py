@@ -9,8 +9,9 @@ its input quantiser (the a4.8 quantiser of the projection's role); F.linear quan
     python benchmarks/bench_linear.py --m 1 16 128 2048  # the full table (slow on a 2-core CPU)
     python benchmarks/bench_linear.py --quick --cold     # weights streamed from memory, as in a whole model
 
-CPU methods: the packed layer with ``impl="inductor"`` (the fused GEMV of ``kernels_cpu_gemv`` for M ≤ 2, else the
-``_int_mm`` path), with ``impl="torch"`` (``_int_mm`` on unpacked chunks), and with the int8 code cache. By default
+CPU methods: the packed layer with ``impl="native"`` on every ISA path the CPU runs (``kernels_cpu_native``: AVX-512
+VNNI, AVX2, scalar; the widest is what ``"auto"`` picks), with ``impl="torch"`` (``_int_mm`` on unpacked chunks),
+and with the int8 code cache. By default
 every call reuses one weight tensor, which then sits in the CPU's last-level cache; ``--cold`` cycles through copies
 of the weights (at least ``--cold-mib`` per method) so that each call reads them from memory, as a decode step
 through a whole model does.
@@ -104,12 +105,12 @@ def make_methods(shape: Shape, device: torch.device, cold_bytes: int) -> dict[st
     for label, dtype in dense.items():
         weights = [w_fp32.to(dtype).clone() for _ in range(copies(w_fp32.numel() * dtype.itemsize))]
         methods[label] = (_cycle([lambda x, w=w: F.linear(x, w) for w in weights]), weights[0].numel() * dtype.itemsize)
-    variants = {"packed, triton": ("triton", "packed")} if device.type == "cuda" else {
-        "packed, fused GEMV": ("inductor", "packed"),
-        "packed, _int_mm": ("torch", "packed"),
-        "packed, int8 cache": ("torch", "int8"),
+    variants = {"packed, triton": ("triton", "packed", None)} if device.type == "cuda" else {
+        **{f"packed, native {isa}": ("native", "packed", isa) for isa in _runnable_isas()},
+        "packed, _int_mm": ("torch", "packed", None),
+        "packed, int8 cache": ("torch", "int8", None),
     }
-    for label, (impl, layout) in variants.items():
+    for label, (impl, layout, isa) in variants.items():
         layers = []
         while len(layers) < copies(packed.numel() * (5 if layout == "int8" else 1)):
             layer = PackedBitLinear(k, n, role=shape.role, impl=impl, device=device)
@@ -117,8 +118,32 @@ def make_methods(shape: Shape, device: torch.device, cold_bytes: int) -> dict[st
             layer.weight_scale.fill_(0.02)
             layer.set_cpu_layout(layout)
             layers.append(layer)
-        methods[label] = (_cycle(layers), sum(layers[0].weight_nbytes().values()))
+        forward = _cycle(layers)
+        if isa is not None:
+            forward = _on_isa(isa, forward)
+        methods[label] = (forward, sum(layers[0].weight_nbytes().values()))
     return methods
+
+
+def _runnable_isas() -> tuple[str, ...]:
+    from bitnet_a48 import kernels_cpu_native as kn
+
+    return kn.ISAS[: kn.ISAS.index(kn.best_cpu_isa()) + 1][::-1]
+
+
+def _on_isa(isa: str, forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``forward`` run with the native kernels forced onto ``isa`` (the setting is restored after the call)."""
+    from bitnet_a48 import kernels_cpu_native as kn
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        before = kn.cpu_isa()
+        kn.set_cpu_isa(isa)
+        try:
+            return forward(x)
+        finally:
+            kn.set_cpu_isa(before)
+
+    return call
 
 
 def run(args: argparse.Namespace) -> None:

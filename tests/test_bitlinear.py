@@ -2,7 +2,6 @@
 eval copy of the quantised weights; and the fused CPU GEMV of the packed layer under torch.compile."""
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -10,9 +9,6 @@ import torch.nn.functional as F
 
 from bitnet_a48 import bitlinear
 from bitnet_a48.bitlinear import BitLinear
-from bitnet_a48.kernels_cpu_gemv import ternary_gemv_cpu
-from bitnet_a48.packed_bitlinear import ternary_matmul_torch
-from bitnet_a48.packing import pack_ternary
 from bitnet_a48.quantization import (
     ROLES,
     dequantize,
@@ -217,19 +213,3 @@ def test_offloaded_layer_keeps_no_copy(counter: QuantiseCounter) -> None:
     with torch.no_grad():
         model(torch.randn(2, 64)), model(torch.randn(2, 64))
     assert model[0]._weight_cache is None and counter.calls == 2
-
-
-def test_fused_cpu_gemv_inside_torch_compile_warns_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A compiled packed model traces into kernels_cpu_gemv; dynamo warned about its lru_cache-wrapped builder there.
-    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # dynamo warns once a process
-    torch._dynamo.reset()
-    g = torch.Generator().manual_seed(0)
-    packed = pack_ternary(torch.randint(-1, 2, (13, 48), generator=g, dtype=torch.int8))
-    codes = torch.randint(-128, 128, (1, 48), generator=g, dtype=torch.int8)
-    scale = torch.rand(1, 1, generator=g)
-    step = torch.compile(lambda c, s: ternary_gemv_cpu(c, s, packed, 13), backend="eager", fullgraph=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        y = step(codes, scale)
-    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
-    assert torch.equal(y, ternary_matmul_torch(codes, scale, packed, 13))

@@ -103,8 +103,43 @@ def test_window_keeps_recent_tokens_exact_and_older_ones_quantised_once() -> Non
     assert ((deq[:, :, :8] - ks[:, :, :8]).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bits", "window", "lengths"), [(3, 16, [20, 1, 1]), (3, 0, [7, 1]), (4, 2, [5, 1]),
+                                                         (2, 4, [1, 1, 1]), (8, 0, [9, 1])])  # fmt: skip
+def test_native_decode_attention_equals_blockwise_reference(
+    dtype: torch.dtype, bits: int, window: int, lengths: list[int]
+) -> None:
+    from bitnet_a48.kernels_cpu_native import load_native
+
+    load_native()
+    g = torch.Generator().manual_seed(7)
+    native, reference = (BitNetA48QuantizedLayer(bits=bits, window=window, impl=impl) for impl in ("auto", "torch"))
+    pos = torch.stack([(torch.arange(lengths[0]) - p).clamp(min=0) for p in (0, 2, 0)])  # row 1 left-padded by 2
+    for t, q in enumerate(lengths):
+        keys = torch.randn(B, H, q, D, generator=g).to(dtype)
+        values = torch.randn(B, H, q, D, generator=g).to(dtype)
+        query = torch.randn(B, HQ, q, D, generator=g).to(dtype)
+        positions = pos if t == 0 else pos[:, -1:] + sum(lengths[1 : t + 1])
+        kv = sum(lengths[: t + 1])
+        mask = torch.ones(B, 1, q, kv, dtype=torch.bool).tril(kv - q)
+        mask[1, ..., :2] = False
+        if t == 0 or q > 1:  # prefill: both run the blockwise path
+            for layer in (native, reference):
+                layer.attend(query, keys, values, mask, 0.25, positions)
+            continue
+        assert native._native_decode(query) and not reference._native_decode(query)
+        got = native.attend(query, keys, values, mask, 0.25, positions)
+        want = reference.attend(query, keys, values, mask, 0.25, positions)
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        # fp32: rounding only. bf16: the blockwise path rounds scores and partial outputs to bf16, the kernel not.
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), f"relative difference {err:.2e}"
+    assert torch.equal(native.k_packed, reference.k_packed) and torch.equal(native.k_window, reference.k_window)
+    if reference.sink_bits is not None:
+        assert torch.equal(native.sink_pos, reference.sink_pos) and torch.equal(native.k_sink, reference.k_sink)
+
+
 def test_peak_attention_block_is_bounded_by_block_size() -> None:
-    layer = BitNetA48QuantizedLayer(bits=3, window=0, block_size=8)
+    layer = BitNetA48QuantizedLayer(bits=3, window=0, block_size=8, impl="torch")  # the blockwise torch path
     fill(layer, [40])
     seen: list[int] = []
     original = layer._centered_block

@@ -311,7 +311,13 @@ def test_from_bitlinear_stores_alpha_and_codes() -> None:
 
 def test_impl_choice_is_explicit() -> None:
     layer = PackedBitLinear(16, 8, role="qkv")
-    assert layer.impl == "auto" and not layer._use_triton(torch.randn(1, 16))  # CPU tensors: torch path
+    # CPU tensors: the native kernels (a compiler is on CI's PATH); impl="torch" keeps the reference.
+    assert layer.impl == "auto" and layer.backend(torch.randn(1, 16)) == "native"
+    assert layer.backend(torch.randn(1, 16, dtype=torch.float64)) == "torch"  # a dtype the kernels do not take
+    layer.set_cpu_layout("int8")
+    assert layer.backend(torch.randn(1, 16)) == "torch"
+    layer.set_impl("torch")
+    assert layer.backend(torch.randn(1, 16)) == "torch"
     with pytest.raises(ValueError, match="impl must be one of"):
         PackedBitLinear(16, 8, role="qkv", impl="cuda")
     with pytest.raises(ValueError, match="cpu_layout must be one of"):

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from .kernels_cpu_native import kv_decode_attention_native, native_available
 from .kernels_kv_cache import (
     SUPPORTED_BITS,
     check_bits,
@@ -161,6 +162,8 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         if max_cache_len is not None and window:
             raise ValueError("the static layout (max_cache_len) keeps no high-precision window: pass window=0")
         self.bits, self.window, self.block_size, self.impl = bits, window, block_size, impl
+        # impl "auto" reads the dynamic store with the native CPU decode kernel when it applies (`_native_decode`)
+        self.native = impl == "auto"
         self.scale_dtype = scale_dtype
         self.sink_bits = first_token_bits if first_token_bits is not None and first_token_bits > bits else None
         self.max_cache_len = max_cache_len
@@ -404,6 +407,12 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         if attention_mask is not None and attention_mask.shape[-1] < kv_len:
             raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys, the cache needs {kv_len}")
         dtype = query.dtype
+        if self._native_decode(query):
+            bias = _mask_bias(attention_mask, slice(0, kv_len))  # (B|1, 1, 1, kv) or None
+            bias = None if bias is None else bias.reshape(bias.shape[0], kv_len).contiguous()
+            out = kv_decode_attention_native(query, self, key_states, value_states, bias, scaling)
+            self.append(key_states, value_states, position_ids)
+            return out
         soft = _OnlineSoftmax(query, self.num_heads, scaling)
         seq_len = self.cumulative_length
         # 1. the packed store, block by block
@@ -433,6 +442,20 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         soft.add(key_states.to(dtype), value_states.to(dtype), bias)
         self.append(key_states, value_states, position_ids)
         return soft.result(dtype)
+
+    def _native_decode(self, query: torch.Tensor) -> bool:
+        """Whether ``attend`` reads the store with the native decode kernel: one new token per row, the dynamic
+        layout on the CPU, fp16 scales, a dtype the kernel takes, and the library built (``kernels_cpu_native``)."""
+        return (
+            self.native
+            and not self.static
+            and query.shape[2] == 1
+            and query.device.type == "cpu"
+            and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and query.dtype == self.dtype
+            and self.scale_dtype == torch.float16
+            and native_available()
+        )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.static:

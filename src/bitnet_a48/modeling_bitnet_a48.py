@@ -32,6 +32,7 @@ from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIE
 from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
 from .checkpoint_files import validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
+from .packed_bitlinear import fused_projection, has_forward_hooks, project_shared_input
 from .projections import INTERMEDIATE, QUERY, Projection, dimension, is_projection, projections_of
 from .projections import PROJECTION_ROLES as PROJECTION_ROLES  # the table's name -> role, kept importable here
 
@@ -61,7 +62,11 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 
 
 class BitNetA48RMSNorm(nn.Module):
-    """RMSNorm computed in fp32: ``w · x / sqrt(mean(x²) + eps)``."""
+    """RMSNorm computed in fp32: ``w · x / sqrt(mean(x²) + eps)``.
+
+    The squares are summed in fp64, so the mean is the same whatever order a CPU instruction set or a fused kernel
+    adds them in (``kernels_cpu_native`` fuses this norm into the next projection and equals it bit for bit).
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -71,7 +76,8 @@ class BitNetA48RMSNorm(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.float()
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        total = hidden_states.pow(2).sum(-1, keepdim=True, dtype=torch.float64)
+        variance = (total / hidden_states.shape[-1]).float()
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
 
@@ -104,8 +110,20 @@ class BitNetA48MLP(nn.Module):
         self.act_fn = make_activation(config.hidden_act)
         self.ffn_sub_norm = BitNetA48RMSNorm(dimension(config, INTERMEDIATE), eps=config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ffn_sub_norm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+    def forward(self, x: torch.Tensor, input_norm: nn.Module | None = None) -> torch.Tensor:
+        """``x`` is the MLP's input, normalised by ``input_norm`` first when given (the decoder layer passes its
+        ``post_attention_layernorm``, so that packed CPU models fuse it into the gate/up call)."""
+        fused = None
+        if type(self.act_fn) is ReLUSquared and not has_forward_hooks(self.act_fn):
+            fused = fused_projection((self.gate_proj, self.up_proj), x, norm=input_norm, relu2_glu=True)
+        if fused is not None:
+            hidden = fused[0]  # ReLU²(gate) * up from one native call
+        else:
+            m = x if input_norm is None else input_norm(x)
+            gate, up = project_shared_input((self.gate_proj, self.up_proj), m)
+            hidden = self.act_fn(gate) * up
+        out = fused_projection((self.down_proj,), hidden, norm=self.ffn_sub_norm)
+        return out[0] if out is not None else self.down_proj(self.ffn_sub_norm(hidden))
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -174,13 +192,22 @@ class BitNetA48Attention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        input_norm: nn.Module | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden_states`` is normalised by ``input_norm`` first when given (the decoder layer passes its
+        ``input_layernorm``, so that packed CPU models fuse it into the q/k/v call)."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H_kv, T, D)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        qkv = (self.q_proj, self.k_proj, self.v_proj)
+        projected = fused_projection(qkv, hidden_states, norm=input_norm)
+        if projected is None:
+            normed = hidden_states if input_norm is None else input_norm(hidden_states)
+            projected = project_shared_input(qkv, normed)
+        query, key, value = projected
+        query_states = query.view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
+        key_states = key.view(hidden_shape).transpose(1, 2)  # (B, H_kv, T, D)
+        value_states = value.view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -191,7 +218,7 @@ class BitNetA48Attention(nn.Module):
                 position_ids=kwargs.get("position_ids"),
             )  # (B, T, H, D)
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-            return self.o_proj(self.attn_sub_norm(attn_output)), None
+            return self._output_projection(attn_output), None
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
@@ -209,8 +236,12 @@ class BitNetA48Attention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = self.o_proj(self.attn_sub_norm(attn_output))  # SubLN before o_proj, as b1.58
-        return attn_output, attn_weights
+        return self._output_projection(attn_output), attn_weights
+
+    def _output_projection(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """``o_proj(attn_sub_norm(attn_output))``: SubLN before o_proj, as b1.58 (one native call when packed)."""
+        fused = fused_projection((self.o_proj,), attn_output, norm=self.attn_sub_norm)
+        return fused[0] if fused is not None else self.o_proj(self.attn_sub_norm(attn_output))
 
 
 class BitNetA48DecoderLayer(GradientCheckpointingLayer):
@@ -234,7 +265,8 @@ class BitNetA48DecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
         hidden_states, attn_weights = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
+            hidden_states=hidden_states,
+            input_norm=self.input_layernorm,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -243,7 +275,7 @@ class BitNetA48DecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.mlp(hidden_states, input_norm=self.post_attention_layernorm)
         return hidden_states, attn_weights
 
 
@@ -524,6 +556,32 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
                 except ValueError as error:
                     raise ValueError(f"{cls.__name__}: corrupted checkpoint tensor {name}.{error}") from None
         return (model, info) if want_info else model
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `save_pretrained`, refused while the head is the int8 inference copy (`quantize_lm_head`)."""
+        from .int8_linear import Int8Linear
+
+        if isinstance(self.lm_head, Int8Linear):
+            raise ValueError(
+                "the model's lm_head is the int8 inference copy made by quantize_lm_head('int8'), which is not "
+                "saved; save the model before quantizing its head (the embeddings keep the high-precision weights)"
+            )
+        return super().save_pretrained(*args, **kwargs)
+
+    def quantize_lm_head(self, head_format: str = "int8") -> BitNetA48ForCausalLM:
+        """Replace the high-precision lm_head by an int8 copy for CPU decode (`int8_linear.py`), in place.
+
+        An explicit inference option, off by default: a4.8 keeps the head in high precision. With tied embeddings the
+        embedding keeps its weights (the input side is unchanged); an untied head's high-precision weights are freed.
+        """
+        from .int8_linear import Int8Linear
+
+        if head_format != "int8":
+            raise ValueError(f"quantize_lm_head supports head_format='int8', got {head_format!r}")
+        if isinstance(self.lm_head, Int8Linear):
+            raise ValueError("the lm_head is already int8")
+        self.lm_head = Int8Linear.from_linear(self.lm_head)
+        return self
 
     def push_to_hub(self, repo_id: str, *, metrics: dict[str, Any] | None = None, **kwargs: Any) -> Any:
         """Upload what `save_pretrained` writes, with this project's model card as the repository's README.md.

@@ -22,14 +22,18 @@ Implementations (``impl``, chosen explicitly; an exception is never swallowed to
   speed and memory of both).
 - ``"torch"`` on other devices: ``_int_mm`` where CUDA's constraints hold, else an fp32 matmul of the integer codes
   (exact while K·128·2 < 2^24).
-- ``"inductor"``: ``"torch"``, except that CPU decode (1 ≤ M ≤ ``kernels_cpu_gemv.GEMV_MAX_ROWS`` rows, weights held
-  packed, a K that ``kernels_cpu_gemv.gemv_supported`` accepts) runs the fused GEMV of ``kernels_cpu_gemv``: one
-  pass over the packed bytes, no unpacked buffer, compiled by ``torch.compile`` on first use (needs a C++
-  compiler). The outputs equal ``"torch"``'s bit for bit.
+- ``"native"`` (CPU): the C++ kernels of ``kernels_cpu_native`` (AVX-512 VNNI, AVX2 or scalar, chosen at run time
+  from the CPU): one call quantises the input (INT8, INT4, TopK + INT8; FP4 in torch first) and multiplies it by the
+  packed weights in one pass over their bytes, at every M. The outputs equal ``"torch"``'s bit for bit. The library
+  is compiled on first use (seconds, then cached); it needs a C++ compiler.
 - ``"triton"``: ``kernels_act_quant`` for the input quantiser (FP4 stays in torch), ``kernels_ternary_matmul`` on
   the packed weights (decode kernel for M ≤ 16).
-- ``"auto"``: Triton on CUDA tensors when Triton is importable; on CPU ``"inductor"`` when a C++ compiler is on the
-  PATH; else ``"torch"``.
+- ``"auto"``: Triton on CUDA tensors when Triton is importable; on CPU ``"native"`` for fp32/bf16/fp16 inputs and
+  packed weights (``cpu_layout="packed"``) when the library builds (without a compiler a one-line warning says the
+  torch path runs instead, and why it is slow); else ``"torch"``.
+
+Layers that share an input (q/k/v, gate/up) are best run through :func:`project_shared_input`: one native call, one
+activation quantisation for the group.
 
 The class is deliberately not an ``nn.Linear`` subclass: transformers' ``_init_weights`` draws normal weights
 into every ``nn.Linear`` it initialises. The constructor fills the weights with zeros (packed code 1) and α = 1;
@@ -44,7 +48,13 @@ import torch
 from torch import nn
 
 from .bitlinear import BitLinear, InputQuantizerMixin
-from .kernels_cpu_gemv import GEMV_MAX_ROWS, cpu_compiler_available, gemv_supported, ternary_gemv_cpu
+from .kernels_cpu_native import (
+    NATIVE_QUANTIZERS,
+    load_native,
+    native_available,
+    ternary_linear_native,
+    ternary_matmul_native,
+)
 from .packing import (
     PACKED_ZERO_BYTE,
     VALUES_PER_BYTE,
@@ -59,9 +69,12 @@ from .quantization import (
     Quantized,
     quantize_act,
     quantize_weight_ternary,
+    topk_count,
 )
 
-IMPLS = ("auto", "torch", "triton", "inductor")
+IMPLS = ("auto", "torch", "native", "triton")
+# Input dtypes the native kernels read and write.
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_LAYOUTS = ("packed", "int8")
 _TRITON_ACT_QUANTIZERS = ("int8", "int4", "topk_int8")
 
@@ -171,7 +184,7 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
         device: device of the buffers.
         dtype: accepted for the signature of ``nn.Linear``-like constructors and ignored: the weights are uint8,
             ``weight_scale`` is fp32 and the output takes the input's dtype.
-        impl: "auto", "torch" or "triton" (module docstring).
+        impl: "auto", "torch", "native" or "triton" (module docstring).
         cpu_layout: "packed" (2-bit weights only) or "int8" (also cache int8 codes for the CPU ``_int_mm`` path).
     """
 
@@ -228,16 +241,16 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
         super().set_quant_mode(quant_mode, topk_ratio=topk_ratio, act4_format=act4_format)
 
     def set_impl(self, impl: str) -> None:
-        """Choose "auto", "torch", "inductor" or "triton"; raises here when the chosen one cannot run."""
+        """Choose "auto", "torch", "native" or "triton"; raises here when the chosen one cannot run."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if impl == "triton" and not _triton_available():
             raise RuntimeError("impl='triton' needs the `triton` package (pip install 'bitnet-a48[triton]')")
-        if impl == "inductor" and not cpu_compiler_available():
-            raise RuntimeError(
-                "impl='inductor' compiles its CPU kernel with torch.compile, which needs a C++ compiler (g++ or "
-                "clang++, or $CXX) on the PATH; use impl='torch' without one"
-            )
+        if impl == "native":
+            try:
+                load_native()
+            except RuntimeError as error:
+                raise RuntimeError(f"impl='native' cannot run: {error}; use impl='torch'") from None
         self.impl = impl
 
     def set_cpu_layout(self, cpu_layout: str) -> None:
@@ -307,20 +320,27 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
+    def backend(self, x: torch.Tensor) -> str:
+        """The implementation a forward on ``x`` runs: "triton", "native" or "torch" (module docstring)."""
+        if self.impl == "triton":
+            return "triton"
+        if self.impl == "native":
+            return "native"
         if self.impl == "auto":
-            return x.is_cuda and _triton_available()
-        return self.impl == "triton"
+            if x.is_cuda:
+                return "triton" if _triton_available() else "torch"
+            if (
+                x.device.type == "cpu"
+                and x.dtype in NATIVE_DTYPES
+                and self.cpu_layout == "packed"
+                and native_available()
+            ):
+                return "native"
+        return "torch"
 
-    def _use_cpu_gemv(self, x: torch.Tensor) -> bool:
-        # x: (M, K). The fused GEMV serves CPU decode with the weights held packed (module docstring).
-        if x.device.type != "cpu" or self.cpu_layout != "packed" or not 0 < x.shape[0] <= GEMV_MAX_ROWS:
-            return False
-        if not gemv_supported(x.shape[1]):
-            return False
-        if self.impl == "auto":
-            return cpu_compiler_available()
-        return self.impl == "inductor"
+    def native_topk(self) -> int:
+        """Entries the TopK quantiser keeps per row (0 for the other quantisers), as the native op takes it."""
+        return topk_count(self.in_features, self.topk_ratio) if self.act_quantizer == "topk_int8" else 0
 
     def _quantize_input(self, x: torch.Tensor, use_triton: bool) -> Quantized:
         if use_triton and self.act_quantizer in _TRITON_ACT_QUANTIZERS:
@@ -329,7 +349,7 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
             return quantize_act_triton(x, self.act_quantizer, self.topk_ratio)
         return quantize_act(x, self.act_quantizer, self.topk_ratio)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, input: torch.Tensor) -> None:
         if input.shape[-1] != self.in_features:
             raise ValueError(
                 f"PackedBitLinear expected inputs with last dimension {self.in_features}, got shape "
@@ -337,20 +357,29 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
             )
         if not torch.is_floating_point(input):
             raise TypeError(f"PackedBitLinear takes floating-point inputs, got {input.dtype}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
         if torch.is_grad_enabled() and input.requires_grad:
             # The frozen packed base still passes dX = dY · (codes · α) back (LoRA on a packed model).
             return PackedLinearFunction.apply(input, self)
         lead = input.shape[:-1]
         x = input.reshape(-1, self.in_features)
-        use_triton = self._use_triton(input)
-        codes, x_scale = self._quantize_input(x, use_triton)  # int8 (M, K), fp32 (M, 1)
+        backend = self.backend(x)
+        if backend == "native" and self.act_quantizer in NATIVE_QUANTIZERS:
+            (y,) = ternary_linear_native(
+                x.contiguous(), [self.weight], [self.weight_scale], [self.out_features], self.act_quantizer,
+                self.native_topk(),
+            )  # fmt: skip
+            return y.reshape(*lead, self.out_features)
+        codes, x_scale = self._quantize_input(x, backend == "triton")  # int8 (M, K), fp32 (M, 1)
         scale = x_scale * self.weight_scale.float()  # (M, 1): x_scale · α
-        if use_triton:
+        if backend == "triton":
             from .kernels_ternary_matmul import ternary_matmul_triton
 
             y = ternary_matmul_triton(codes, scale, self.weight, self.out_features, input.dtype)
-        elif self._use_cpu_gemv(x):
-            y = ternary_gemv_cpu(codes, scale, self.weight, self.out_features, input.dtype)
+        elif backend == "native":  # FP4 inputs: quantised in torch, multiplied natively
+            y = ternary_matmul_native(codes, scale, self.weight, self.out_features, input.dtype)
         else:
             weight_int8 = None
             if self.cpu_layout == "int8" and input.device.type == "cpu":
@@ -401,6 +430,91 @@ def _reshape_weight_scale(module: nn.Module, state_dict: dict[str, Any], prefix:
         state_dict[key] = scale.reshape(1)
 
 
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether a call of ``module`` must go through ``__call__`` (fused paths skip it otherwise)."""
+    # Forward hooks (e.g. sparsity.py's), accelerate's `_hf_hook` and global hooks must see every layer's call.
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hasattr(module, "_hf_hook")
+        or module_globals._global_forward_hooks
+        or module_globals._global_forward_pre_hooks
+    )
+
+
+def _fusable_norm(norm: nn.Module | None, x: torch.Tensor) -> bool:
+    # An RMSNorm module whose arithmetic the native op repeats (modeling's BitNetA48RMSNorm: `weight`,
+    # `variance_epsilon`), hook-free, with a weight of the input's dtype on the CPU.
+    if norm is None:
+        return True
+    weight = getattr(norm, "weight", None)
+    return (
+        type(norm).__name__ == "BitNetA48RMSNorm"
+        and not has_forward_hooks(norm)
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == x.dtype
+        and weight.device.type == "cpu"
+        and weight.dim() == 1
+    )
+
+
+def fused_projection(
+    layers: tuple[nn.Module, ...],
+    input: torch.Tensor,
+    norm: nn.Module | None = None,
+    relu2_glu: bool = False,
+) -> list[torch.Tensor] | None:
+    """The outputs of ``layers`` on ``norm(input)`` from one native call, or None where that call does not apply.
+
+    One call quantises the (normalised) input once and runs every layer's packed rows; with ``relu2_glu`` the two
+    layers are (gate, up) and the one output is ``ReLU²(gate) · up``. It applies when every layer is a hook-free
+    ``PackedBitLinear`` on the native path with the same input quantiser, no gradient is asked for, and ``norm`` is a
+    hook-free ``BitNetA48RMSNorm`` with a weight of the input's dtype. The outputs equal the modules' own, bit for bit.
+    Otherwise None: the caller runs the modules (latent models, LoRA-wrapped layers, hooks, other devices).
+    """
+    first = layers[0]
+    fusable = (
+        all(type(layer) is PackedBitLinear and not has_forward_hooks(layer) for layer in layers)
+        and not (torch.is_grad_enabled() and input.requires_grad)
+        and first.act_quantizer in NATIVE_QUANTIZERS
+        and all(
+            layer.in_features == first.in_features
+            and layer.act_quantizer == first.act_quantizer
+            and layer.topk_ratio == first.topk_ratio
+            for layer in layers
+        )
+        and input.shape[-1] == first.in_features
+        and (not relu2_glu or (len(layers) == 2 and layers[0].out_features == layers[1].out_features))
+    )
+    if not fusable:
+        return None
+    x = input.reshape(-1, first.in_features)
+    if not _fusable_norm(norm, x) or any(layer.backend(x) != "native" for layer in layers):
+        return None
+    outputs = ternary_linear_native(
+        x.contiguous(),
+        [layer.weight for layer in layers],
+        [layer.weight_scale for layer in layers],
+        [layer.out_features for layer in layers],
+        first.act_quantizer,
+        first.native_topk(),
+        norm_weight=None if norm is None else norm.weight,
+        norm_eps=0.0 if norm is None else float(norm.variance_epsilon),
+        relu2_glu=relu2_glu,
+    )
+    lead = input.shape[:-1]
+    return [y.reshape(*lead, y.shape[-1]) for y in outputs]
+
+
+def project_shared_input(layers: tuple[nn.Module, ...], input: torch.Tensor) -> list[torch.Tensor]:
+    """``[layer(input) for layer in layers]``, in one native call when that gives the same outputs
+    (:func:`fused_projection`)."""
+    fused = fused_projection(layers, input)
+    return fused if fused is not None else [layer(input) for layer in layers]
 
 
 def packed_input_grad(layer: PackedBitLinear, grad_out: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ import torch
 
 QUANT_EPS = 1e-5
 INT8_QMIN, INT8_QMAX = -128, 127
+INT8_WEIGHT_QMAX = 127  # symmetric int8 weights: |code| <= 127 keeps the AVX2 sign trick exact
 INT4_QMIN, INT4_QMAX = -8, 7
 INT4_ABSMEAN_FACTOR = math.sqrt(7.0)
 TERNARY_QMIN, TERNARY_QMAX = -1, 1
@@ -113,6 +114,15 @@ def quantize_weight_ternary(weight: torch.Tensor) -> Quantized:
     return Quantized(codes.to(torch.int8), alpha)
 
 
+def quantize_weight_int8_rows(weight: torch.Tensor) -> Quantized:
+    """Symmetric INT8 absmax per output row (the optional int8 lm_head): codes in [-127, 127], scale (rows,)."""
+    w = weight.float()
+    gamma = w.abs().amax(dim=-1, keepdim=True).clamp(min=QUANT_EPS)
+    inv_scale = INT8_WEIGHT_QMAX / gamma
+    codes = (w * inv_scale).round().clamp(-INT8_WEIGHT_QMAX, INT8_WEIGHT_QMAX)
+    return Quantized(codes.to(torch.int8), (1.0 / inv_scale).reshape(-1))
+
+
 def fake_quantize_weight_ternary(weight: torch.Tensor) -> torch.Tensor:
     """``Q_w(W)`` in the weight's dtype with the straight-through gradient."""
     codes, alpha = quantize_weight_ternary(weight)
@@ -145,7 +155,10 @@ def quantize_act_int4(x: torch.Tensor) -> Quantized:
     """INT4 absmean per token: codes in [-8, 7], scale β/√7 with β = mean|X| (shape (..., 1))."""
     _check_activation(x)
     xf = x.float()
-    beta = xf.abs().mean(dim=-1, keepdim=True).clamp(min=QUANT_EPS)
+    # The sum of |x| in fp64: exact for bf16 inputs, so the mean (and the codes) do not depend on the order of the
+    # additions, which differs between CPU instruction sets and kernels (kernels_cpu_native.py computes the same).
+    total = xf.abs().sum(dim=-1, keepdim=True, dtype=torch.float64)
+    beta = (total / xf.shape[-1]).float().clamp(min=QUANT_EPS)
     inv_scale = INT4_ABSMEAN_FACTOR / beta
     codes = (xf * inv_scale).round().clamp(INT4_QMIN, INT4_QMAX)
     return Quantized(codes.to(torch.int8), 1.0 / inv_scale)
@@ -177,13 +190,21 @@ def topk_count(dim: int, ratio: float) -> int:
 
 
 def topk_mask(x: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Boolean mask of the k = ⌈ratio · d⌉ largest |X| of each token (exactly k, ties broken by topk)."""
+    """Boolean mask of the k = ⌈ratio · d⌉ largest |X| of each token: exactly k entries.
+
+    Entries equal to the k-th largest |X| (ties, common in bf16) are kept lowest index first, a rule every kernel
+    can follow (``torch.topk`` leaves the choice among ties unspecified).
+    """
     _check_activation(x)
     k = topk_count(x.shape[-1], ratio)
     if k == x.shape[-1]:
         return torch.ones_like(x, dtype=torch.bool)
-    index = x.float().abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, index, True)
+    magnitude = x.float().abs()
+    threshold = magnitude.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # the k-th largest
+    above = magnitude > threshold
+    ties = magnitude == threshold
+    room = k - above.sum(dim=-1, keepdim=True)  # how many ties are kept
+    return above | (ties & (ties.cumsum(dim=-1) <= room))
 
 
 def sparsify_topk(x: torch.Tensor, ratio: float) -> torch.Tensor:
