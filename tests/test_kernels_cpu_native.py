@@ -343,3 +343,18 @@ def test_packed_model_native_equals_torch_reference(isa: str, dtype: torch.dtype
         reference = model(ids).logits
     assert torch.equal(native, reference), _diff(native, reference)
     assert torch.equal(hooked, reference), _diff(hooked, reference)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kv_quantize_pack_equals_reference(bits: int, dtype: torch.dtype) -> None:
+    from bitnet_a48.kernels_kv_cache import quantize_pack_torch
+
+    g = torch.Generator().manual_seed(bits)
+    for magnitude in (1e-7, 1e-2, 1.0, 3e4):
+        x = (torch.randn(2, 3, 5, 64, generator=g) * magnitude).to(dtype)
+        x[0, 0, 0] = 0  # an all-zero group takes the smallest scale
+        packed, scale = kn.kv_quantize_pack_native(x, bits)
+        want_packed, want_scale = quantize_pack_torch(x, bits, torch.float16)
+        assert torch.equal(packed, want_packed), (magnitude, _diff(packed, want_packed))
+        assert torch.equal(scale, want_scale), (magnitude, _diff(scale, want_scale))

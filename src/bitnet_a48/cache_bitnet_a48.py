@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from .kernels_cpu_native import kv_decode_attention_native, native_available
+from .kernels_cpu_native import kv_decode_attention_native, kv_quantize_pack_native, native_available
 from .kernels_kv_cache import (
     SUPPORTED_BITS,
     check_bits,
@@ -227,6 +227,8 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         """Record the cache index of each row's first token (its last position-0 token) if the row has none yet."""
         if self.sink_bits is None:
             return
+        if not self.static and bool((self.sink_pos >= 0).all()):  # every row has its first token already
+            return
         dev = self.sink_pos.device
         if position_ids is None:  # without positions, the first token stored is the first token
             position_ids = (torch.arange(q, device=dev) + seq_len).unsqueeze(0)
@@ -240,8 +242,8 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
     def _write_quantized(self, keys: torch.Tensor, values: torch.Tensor, start: int | torch.Tensor) -> None:
         """Quantise tokens ``start .. start+e-1`` (keys, values (B, H, e, D)) into the packed store, once."""
         e = keys.shape[2]
-        kp, ks = quantize_pack(keys, self.bits, self.scale_dtype, self.impl)
-        vp, vs = quantize_pack(values, self.bits, self.scale_dtype, self.impl)
+        kp, ks = self._quantize_pack(keys, self.bits)
+        vp, vs = self._quantize_pack(values, self.bits)
         if self.static:
             idx = torch.arange(e, device=self.device) + start
             for name, t in (("k_packed", kp), ("v_packed", vp), ("k_scale", ks), ("v_scale", vs)):
@@ -257,11 +259,19 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         # the first token of a row, if among these, is (also) quantised at `sink_bits`; its b-bit slot goes unused
         rel = self.sink_pos - start  # (B,)
         hit = (rel >= 0) & (rel < e)
+        if not self.static and not bool(hit.any()):  # the dynamic layout may look: most writes hold no first token
+            return
         idx = rel.clamp(0, e - 1).view(-1, 1, 1, 1).expand(-1, self.num_heads, 1, self.head_dim)
         for kv, t in (("k", keys), ("v", values)):
-            sp, ss = quantize_pack(t.gather(2, idx).squeeze(2), self.sink_bits, self.scale_dtype, self.impl)
+            sp, ss = self._quantize_pack(t.gather(2, idx).squeeze(2), self.sink_bits)
             getattr(self, f"{kv}_sink").copy_(torch.where(hit.view(-1, 1, 1), sp, getattr(self, f"{kv}_sink")))
             getattr(self, f"{kv}_sink_scale").copy_(torch.where(hit.view(-1, 1), ss, getattr(self, f"{kv}_sink_scale")))
+
+    def _quantize_pack(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # The native CPU kernel where `_native_decode`'s conditions on device and scales hold (same codes and scales).
+        if self.native and x.device.type == "cpu" and self.scale_dtype == torch.float16 and native_available():
+            return kv_quantize_pack_native(x, bits)
+        return quantize_pack(x, bits, self.scale_dtype, self.impl)
 
     def _reserve(self, n: int) -> None:
         """Grow the dynamic packed store to hold ``n`` tokens, in whole blocks (amortised O(1) appends)."""

@@ -135,6 +135,11 @@ def _register_fakes() -> None:
         b, hq, _, d = query.shape
         return query.new_empty((b, 1, hq, d))
 
+    @torch.library.register_fake("bitnet_a48_native::kv_quantize_pack")
+    def _(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = x.new_empty((*x.shape[:-1], x.shape[-1] * bits // 8), dtype=torch.uint8)
+        return packed, x.new_empty(x.shape[:-1], dtype=torch.float16)
+
     @torch.library.register_fake("bitnet_a48_native::int8_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
         return x.new_empty((x.shape[0], weight.shape[0]))
@@ -296,6 +301,11 @@ def kv_decode_attention_native(
         layer.k_window, layer.v_window, key_states.contiguous(), value_states.contiguous(),  # type: ignore[attr-defined]
         bias, scaling,
     )  # fmt: skip
+
+
+def kv_quantize_pack_native(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels_kv_cache.quantize_pack_torch(x, bits, torch.float16)`` in one call, equal bit for bit."""
+    return torch.ops.bitnet_a48_native.kv_quantize_pack(x, bits)
 
 
 def int8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

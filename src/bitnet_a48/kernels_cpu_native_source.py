@@ -621,6 +621,58 @@ static void kv_attention_rows(
   });
 }
 
+// Quantise-and-pack of KV groups with fp16 scales, in the order of kernels_kv_cache.quantize_pack_torch:
+// s = half(min(max(max|x| / mid, 2^-14) * (1 + 2^-10), SCALE_MAX)), c = clamp(floor(x / s + mid + 0.5), 0, 2^b - 1).
+template <typename T>
+static void kv_quantize_rows(const T* x, int64_t G, int64_t D, int64_t bits, uint8_t* packed, c10::Half* scale) {
+  const float mid = 0.5f * static_cast<float>((1 << bits) - 1);
+  const float top = static_cast<float>((1 << bits) - 1);
+  const float scale_max = static_cast<float>(65504.0 / (1.0 + 1.0 / 1024.0));
+  at::parallel_for(0, G, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const T* row = x + gi * D;
+      float amax = 0.0f;
+      for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_float(row[d])));
+      float s = std::max(amax / mid, 1.0f / 16384.0f) * static_cast<float>(1.0 + 1.0 / 1024.0);
+      const c10::Half sh = static_cast<c10::Half>(std::min(s, scale_max));
+      scale[gi] = sh;
+      const float sf = static_cast<float>(sh);
+      uint8_t* out = packed + gi * (D * bits / 8);
+      for (int64_t w = 0; w < D / 8; ++w) {
+        uint64_t word = 0;
+        for (int i = 0; i < 8; ++i) {
+          const float y = to_float(row[w * 8 + i]) / sf + (mid + 0.5f);
+          const float c = std::min(std::max(std::floor(y), 0.0f), top);
+          word |= uint64_t(static_cast<uint32_t>(c)) << (bits * i);
+        }
+        for (int64_t j = 0; j < bits; ++j) out[w * bits + j] = static_cast<uint8_t>(word >> (8 * j));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> kv_quantize_pack(const at::Tensor& x, int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bitnet_a48: unsupported KV bits ", bits);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) % 8 == 0,
+              "bitnet_a48: KV groups must be a CPU tensor (..., D) with D a multiple of 8, got ", x.sizes());
+  auto xc = x.contiguous();
+  const int64_t D = xc.size(-1), G = xc.numel() / D;
+  auto sizes = xc.sizes().vec();
+  sizes.back() = D * bits / 8;
+  auto packed = at::empty(sizes, xc.options().dtype(at::kByte));
+  sizes.pop_back();
+  auto scale = at::empty(sizes, xc.options().dtype(at::kHalf));
+  uint8_t* p = packed.data_ptr<uint8_t>();
+  c10::Half* s = scale.data_ptr<c10::Half>();
+  switch (xc.scalar_type()) {
+    case at::kFloat: kv_quantize_rows<float>(xc.data_ptr<float>(), G, D, bits, p, s); break;
+    case at::kBFloat16: kv_quantize_rows<c10::BFloat16>(xc.data_ptr<c10::BFloat16>(), G, D, bits, p, s); break;
+    case at::kHalf: kv_quantize_rows<c10::Half>(xc.data_ptr<c10::Half>(), G, D, bits, p, s); break;
+    default: TORCH_CHECK(false, "bitnet_a48: KV groups must be fp32, bf16 or fp16");
+  }
+  return {packed, scale};
+}
+
 static void check_cpu_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "bitnet_a48: ", name, " must be a contiguous CPU tensor");
 }
@@ -768,6 +820,7 @@ TORCH_LIBRARY(bitnet_a48_native, m) {
         "int n_quant, int bits, Tensor? k_sink, Tensor? k_sink_scale, Tensor? v_sink, Tensor? v_sink_scale, "
         "Tensor? sink_pos, int sink_bits, Tensor k_window, Tensor v_window, Tensor k_new, Tensor v_new, "
         "Tensor? bias, float scaling) -> Tensor");
+  m.def("kv_quantize_pack(Tensor x, int bits) -> (Tensor, Tensor)");
   m.def("cpu_isa_info() -> int[]", &bitnet_a48::cpu_isa_info);
   m.def("set_cpu_isa(int isa) -> ()", &bitnet_a48::set_cpu_isa);
 }
@@ -778,5 +831,6 @@ TORCH_LIBRARY_IMPL(bitnet_a48_native, CPU, m) {
   m.impl("ternary_matmul", &bitnet_a48::ternary_matmul);
   m.impl("int8_linear", &bitnet_a48::int8_linear);
   m.impl("kv_decode_attention", &bitnet_a48::kv_decode_attention);
+  m.impl("kv_quantize_pack", &bitnet_a48::kv_quantize_pack);
 }
 """
