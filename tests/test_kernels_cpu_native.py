@@ -358,3 +358,38 @@ def test_kv_quantize_pack_equals_reference(bits: int, dtype: torch.dtype) -> Non
         want_packed, want_scale = quantize_pack_torch(x, bits, torch.float16)
         assert torch.equal(packed, want_packed), (magnitude, _diff(packed, want_packed))
         assert torch.equal(scale, want_scale), (magnitude, _diff(scale, want_scale))
+
+
+def test_saved_packed_model_runs_the_native_kernels_through_remote_code(tmp_path: os.PathLike) -> None:
+    import textwrap
+
+    from conftest import TINY_CONFIG
+
+    from bitnet_a48 import BitNetA48Config, BitNetA48ForCausalLM
+
+    model = BitNetA48ForCausalLM(BitNetA48Config(**TINY_CONFIG)).eval().pack()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 101, (1, 6))
+    with torch.no_grad():
+        expected = model(ids).logits
+    from safetensors.torch import save_file
+
+    save_file({"logits": expected}, str(tmp_path / "expected.safetensors"))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["bitnet_a48"] = None  # the package cannot be imported here, as on a machine without it
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        layer = model.model.layers[0].self_attn.q_proj
+        assert type(layer).__module__.startswith("transformers_modules"), type(layer).__module__
+        with torch.no_grad():
+            logits = model(torch.tensor({ids.tolist()})).logits
+        from safetensors.torch import load_file
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})["logits"]
+        print(layer.backend(torch.zeros(1, layer.in_features)), torch.equal(logits, expected))
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "native True"
