@@ -557,22 +557,25 @@ static void kv_attention_rows(
         for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_float(q[((b * Hq) + h * g + j) * D + d]);
       const int64_t sink = sink_bits ? sink_pos[b] : -1;
       const bool has_sink = sink >= 0 && sink < n_quant;
-      // Keys: the packed store (first token at sink_bits), the high-precision window, the new token.
-      for (int64_t t = 0; t < n; ++t) {
-        float scale = 1.0f;
+      // Token t of keys or values into `row` (returns its scale): the packed store (the row's first token at
+      // sink_bits), then the high-precision window, then the new token.
+      auto load = [&](int64_t t, const uint8_t* packed, const c10::Half* scales, const uint8_t* sink_codes,
+                      const c10::Half* sink_scale, const T* window, const T* fresh, float* row) -> float {
         if (t < n_quant) {
           const int64_t slot = bh * cap + t;
           if (has_sink && t == sink) {
-            unpack_centered(k_sink + bh * Ps, D, sink_bits, key.data());
-            scale = static_cast<float>(k_sink_s[bh]);
-          } else {
-            unpack_centered(kp + slot * P, D, bits, key.data());
-            scale = static_cast<float>(ks[slot]);
+            unpack_centered(sink_codes + bh * Ps, D, sink_bits, row);
+            return static_cast<float>(sink_scale[bh]);
           }
-        } else {
-          const T* src = t < n_quant + w ? kw + (bh * w + (t - n_quant)) * D : kn + bh * D;
-          for (int64_t d = 0; d < D; ++d) key[d] = to_float(src[d]);
+          unpack_centered(packed + slot * P, D, bits, row);
+          return static_cast<float>(scales[slot]);
         }
+        const T* src = t < n_quant + w ? window + (bh * w + (t - n_quant)) * D : fresh + bh * D;
+        for (int64_t d = 0; d < D; ++d) row[d] = to_float(src[d]);
+        return 1.0f;
+      };
+      for (int64_t t = 0; t < n; ++t) {
+        const float scale = load(t, kp, ks, k_sink, k_sink_s, kw, kn, key.data());
         const float extra = bias ? bias[(bias_rows > 1 ? b : 0) * kv_len + t] : 0.0f;
         for (int64_t j = 0; j < g; ++j) {
           float dot = 0.0f;
@@ -595,20 +598,7 @@ static void kv_attention_rows(
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t t = 0; t < n; ++t) {
-        float scale = 1.0f;
-        if (t < n_quant) {
-          const int64_t slot = bh * cap + t;
-          if (has_sink && t == sink) {
-            unpack_centered(v_sink + bh * Ps, D, sink_bits, value.data());
-            scale = static_cast<float>(v_sink_s[bh]);
-          } else {
-            unpack_centered(vp + slot * P, D, bits, value.data());
-            scale = static_cast<float>(vs[slot]);
-          }
-        } else {
-          const T* src = t < n_quant + w ? vw + (bh * w + (t - n_quant)) * D : vn + bh * D;
-          for (int64_t d = 0; d < D; ++d) value[d] = to_float(src[d]);
-        }
+        const float scale = load(t, vp, vs, v_sink, v_sink_s, vw, vn, value.data());
         for (int64_t j = 0; j < g; ++j) {
           const float p = scores[j * n + t] * scale;
           if (p == 0.0f) continue;
