@@ -179,6 +179,8 @@ def load_native() -> None:
 
 def native_available() -> bool:
     """Whether the native library is (or can be) loaded; warns once, on the first failure, why the CPU path is slow."""
+    if _STATE.get("loaded"):
+        return True
     try:
         load_native()
     except RuntimeError as error:

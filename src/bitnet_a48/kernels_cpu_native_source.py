@@ -151,32 +151,49 @@ __attribute__((target("avx2"))) static void ternary_rows_avx2(
   }
 }
 
+// One 64-column step. The fields are masked in place, not shifted: plane i enters vpdpbusd as f_i · 4^i (at most
+// 2 · 64 = 128, still an unsigned byte), and the 4^i is divided out of the exact int32 sums at the end.
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static inline void ternary_step_avx512(
+    const int8_t* a, int64_t lda, const uint8_t* w, int64_t k, __mmask64 lanes, __m512i acc[][4]) {
+  const __m512i wv = _mm512_maskz_loadu_epi8(lanes, w + k);
+  const __m512i f0 = _mm512_and_si512(wv, _mm512_set1_epi8(0x03));
+  const __m512i f1 = _mm512_and_si512(wv, _mm512_set1_epi8(0x0C));
+  const __m512i f2 = _mm512_and_si512(wv, _mm512_set1_epi8(0x30));
+  const __m512i f3 = _mm512_and_si512(wv, _mm512_set1_epi8(static_cast<char>(0xC0)));
+  for (int m = 0; m < MB; ++m) {
+    const __m512i av = _mm512_maskz_loadu_epi8(lanes, a + m * lda + k);
+    acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], f0, av);
+    acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], f1, av);
+    acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], f2, av);
+    acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], f3, av);
+  }
+}
+
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void ternary_rows_avx512(
     const int8_t* a, int64_t lda, const uint8_t* w, int64_t K, int32_t out[][4]) {
-  const __m512i mask = _mm512_set1_epi8(3);
-  __m512i acc[MB][4];
+  // Two sets of accumulators, for alternate 64-column steps: twice the independent vpdpbusd chains (its latency,
+  // not its throughput, bounded one set at M = 1). The last partial step uses masked loads (other lanes are zero).
+  __m512i acc[MB][4], acc2[MB][4];
   for (int m = 0; m < MB; ++m)
-    for (int i = 0; i < 4; ++i) acc[m][i] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < K; k += 64) {
-    // The last step loads K % 64 bytes with a mask: the other lanes are zero and add nothing.
-    const __mmask64 lanes = (K - k >= 64) ? ~__mmask64(0) : ((__mmask64(1) << (K - k)) - 1);
+    for (int i = 0; i < 4; ++i) acc[m][i] = acc2[m][i] = _mm512_setzero_si512();
+  const __mmask64 all = ~__mmask64(0);
+  int64_t k = 0;
+  for (; k + 128 <= K; k += 128) {
     _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T0);
-    const __m512i wv = _mm512_maskz_loadu_epi8(lanes, w + k);
-    const __m512i f0 = _mm512_and_si512(wv, mask);
-    const __m512i f1 = _mm512_and_si512(_mm512_srli_epi16(wv, 2), mask);
-    const __m512i f2 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), mask);
-    const __m512i f3 = _mm512_and_si512(_mm512_srli_epi16(wv, 6), mask);
-    for (int m = 0; m < MB; ++m) {
-      const __m512i av = _mm512_maskz_loadu_epi8(lanes, a + m * lda + k);
-      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], f0, av);
-      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], f1, av);
-      acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], f2, av);
-      acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], f3, av);
-    }
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes + 64), _MM_HINT_T0);
+    ternary_step_avx512<MB>(a, lda, w, k, all, acc);
+    ternary_step_avx512<MB>(a, lda, w, k + 64, all, acc2);
   }
+  for (; k < K; k += 64) {
+    const __mmask64 lanes = (K - k >= 64) ? all : ((__mmask64(1) << (K - k)) - 1);
+    ternary_step_avx512<MB>(a, lda, w, k, lanes, acc);
+  }
+  // |sum| <= K · 128 · 128 < 2^31 for K < 2^17; the sums of plane i are exact multiples of 4^i.
   for (int m = 0; m < MB; ++m)
-    for (int i = 0; i < 4; ++i) out[m][i] = _mm512_reduce_add_epi32(acc[m][i]);
+    for (int i = 0; i < 4; ++i)
+      out[m][i] = _mm512_reduce_add_epi32(_mm512_add_epi32(acc[m][i], acc2[m][i])) / (1 << (2 * i));
 }
 
 #endif  // BITNET_A48_X86
@@ -217,25 +234,81 @@ static int quantizer_id(const std::string& name) {
   TORCH_CHECK(false, "bitnet_a48: unknown activation quantiser '", name, "'; expected int8, int4 or topk_int8");
 }
 
+// RoundClip(v, lo, hi) with round half to even, as torch.round. Adding and subtracting 1.5 * 2^23 rounds to the
+// nearest integer in the default rounding mode for |v| < 2^22, so v is clamped to +-256 first (which changes no
+// result: the clip would); unlike std::nearbyint this vectorises. NaN gives 0.
 static inline int8_t round_clip(float v, float lo, float hi) {
-  return static_cast<int8_t>(std::min(std::max(std::nearbyint(v), lo), hi));
+  constexpr float kMagic = 12582912.0f;
+  const float bounded = v > 256.0f ? 256.0f : (v < -256.0f ? -256.0f : (v == v ? v : 0.0f));
+  const float rounded = (bounded + kMagic) - kMagic;
+  return static_cast<int8_t>(std::min(std::max(rounded, lo), hi));
 }
 
-// Quantise one row x[0..K) into codes; returns the scale (codes * scale ~ x). `work` holds K floats (TopK only).
-template <typename T>
-static float quantize_row(const T* x, int64_t K, int q, int64_t topk, int8_t* codes, float* work) {
+// Row loops over fp32 values, compiled twice (AVX2 and baseline x86-64, chosen by the loader from CPUID) so that
+// they vectorise: the per-row work of a decode step is serial, and runs between the parallel matmul regions.
+#if defined(BITNET_A48_X86) && defined(__GNUC__) && !defined(__clang__)
+#define BITNET_A48_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define BITNET_A48_CLONES
+#endif
+
+// Sums in fp64 lane by lane (4 lanes, then added in order): exact for bf16 inputs, so any order gives the same.
+BITNET_A48_CLONES static double sum_abs(const float* x, int64_t n) {
+  double lane[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int j = 0; j < 4; ++j) lane[j] += static_cast<double>(std::fabs(x[k + j]));
+  for (; k < n; ++k) lane[0] += static_cast<double>(std::fabs(x[k]));
+  return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+}
+
+BITNET_A48_CLONES static double sum_squares(const float* x, int64_t n) {
+  double lane[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int j = 0; j < 4; ++j) lane[j] += static_cast<double>(x[k + j] * x[k + j]);
+  for (; k < n; ++k) lane[0] += static_cast<double>(x[k] * x[k]);
+  return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+}
+
+// max|x| through the bit patterns: for non-NaN floats |a| < |b| exactly when bits(|a|) < bits(|b|).
+BITNET_A48_CLONES static float max_abs(const float* x, int64_t n) {
+  uint32_t best = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, x + k, 4);
+    bits &= 0x7FFFFFFFu;
+    best = bits > best ? bits : best;
+  }
+  float out;
+  std::memcpy(&out, &best, 4);
+  return out;
+}
+
+BITNET_A48_CLONES static void round_clip_row(const float* x, int64_t n, float inv, float lo, float hi,
+                                             int8_t* codes) {
+  for (int64_t k = 0; k < n; ++k) codes[k] = round_clip(x[k] * inv, lo, hi);
+}
+
+BITNET_A48_CLONES static int32_t sum_codes(const int8_t* c, int64_t n) {
+  int32_t s = 0;
+  for (int64_t k = 0; k < n; ++k) s += c[k];
+  return s;
+}
+
+// Quantise one fp32 row x[0..K) into codes; returns the scale (codes * scale ~ x). `work` holds K floats (TopK).
+static float quantize_row(const float* x, int64_t K, int q, int64_t topk, int8_t* codes, float* work) {
   if (q == kInt4) {
-    double total = 0.0;  // fp64 sum of |x|: the same in any order (kernels_cpu_native.py)
-    for (int64_t k = 0; k < K; ++k) total += std::fabs(to_float(x[k]));
+    const double total = sum_abs(x, K);  // fp64 sum of |x|: the same in any order (kernels_cpu_native.py)
     const float beta = std::max(static_cast<float>(total / static_cast<double>(K)), kQuantEps);
     const float inv = (1.0f / beta) * static_cast<float>(2.6457513110645907);  // sqrt(7) / beta
-    for (int64_t k = 0; k < K; ++k) codes[k] = round_clip(to_float(x[k]) * inv, -8.0f, 7.0f);
+    round_clip_row(x, K, inv, -8.0f, 7.0f, codes);
     return 1.0f / inv;
   }
-  float gamma = 0.0f;
   if (q == kTopkInt8 && topk < K) {
     // Keep the topk largest |x|; among values equal to the k-th largest, the lowest indices (quantization.py).
-    for (int64_t k = 0; k < K; ++k) work[k] = std::fabs(to_float(x[k]));
+    float gamma = 0.0f;
+    for (int64_t k = 0; k < K; ++k) work[k] = std::fabs(x[k]);
     std::vector<float> sorted(work, work + K);
     std::nth_element(sorted.begin(), sorted.begin() + (topk - 1), sorted.end(), std::greater<float>());
     const float threshold = sorted[topk - 1];
@@ -251,30 +324,25 @@ static float quantize_row(const T* x, int64_t K, int q, int64_t topk, int8_t* co
     gamma = std::max(gamma, kQuantEps);
     const float inv = (1.0f / gamma) * 127.0f;
     for (int64_t k = 0; k < K; ++k)
-      codes[k] = work[k] < 0.0f ? int8_t(0) : round_clip(to_float(x[k]) * inv, -128.0f, 127.0f);
+      codes[k] = work[k] < 0.0f ? int8_t(0) : round_clip(x[k] * inv, -128.0f, 127.0f);
     return 1.0f / inv;
   }
-  for (int64_t k = 0; k < K; ++k) gamma = std::max(gamma, std::fabs(to_float(x[k])));
-  gamma = std::max(gamma, kQuantEps);
+  const float gamma = std::max(max_abs(x, K), kQuantEps);
   const float inv = (1.0f / gamma) * 127.0f;
-  for (int64_t k = 0; k < K; ++k) codes[k] = round_clip(to_float(x[k]) * inv, -128.0f, 127.0f);
+  round_clip_row(x, K, inv, -128.0f, 127.0f, codes);
   return 1.0f / inv;
 }
 
-// RMSNorm of one row into `out`, in the order of modeling_bitnet_a48.BitNetA48RMSNorm: fp32 squares summed in fp64,
-// mean rounded to fp32, 1 / sqrt(mean + eps), x * r rounded to T, times the weight rounded to T.
+// RMSNorm of one fp32 row (the input's values), in the order of modeling_bitnet_a48.BitNetA48RMSNorm: fp32 squares
+// summed in fp64, mean rounded to fp32, 1 / sqrt(mean + eps), x * r rounded to T, times the weight rounded to T;
+// the result goes back into `x` as fp32 (exactly the T values).
 template <typename T>
-static void rms_norm_row(const T* x, int64_t K, const T* weight, float eps, T* out) {
-  double total = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    const float f = to_float(x[k]);
-    total += static_cast<double>(f * f);
-  }
-  const float mean = static_cast<float>(total / static_cast<double>(K));
+static void rms_norm_row(float* x, int64_t K, const T* weight, float eps) {
+  const float mean = static_cast<float>(sum_squares(x, K) / static_cast<double>(K));
   const float r = 1.0f / std::sqrt(mean + eps);
   for (int64_t k = 0; k < K; ++k) {
-    const T normed = from_float<T>(to_float(x[k]) * r);
-    out[k] = from_float<T>(to_float(weight[k]) * to_float(normed));
+    const T normed = from_float<T>(x[k] * r);
+    x[k] = to_float(from_float<T>(to_float(weight[k]) * to_float(normed)));
   }
 }
 
@@ -283,18 +351,14 @@ static void quantize_rows(const T* x, int64_t M, int64_t K, int q, int64_t topk,
                           int32_t* row_sum, const T* norm_weight, float eps) {
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work(q == kTopkInt8 ? K : 0);
-    std::vector<T> normed(norm_weight != nullptr ? K : 0);
+    std::vector<float> row(K);
     for (int64_t m = begin; m < end; ++m) {
-      const T* row = x + m * K;
-      if (norm_weight != nullptr) {
-        rms_norm_row<T>(row, K, norm_weight, eps, normed.data());
-        row = normed.data();
-      }
+      const T* src = x + m * K;
+      for (int64_t k = 0; k < K; ++k) row[k] = to_float(src[k]);
+      if (norm_weight != nullptr) rms_norm_row<T>(row.data(), K, norm_weight, eps);
       int8_t* c = codes + m * K;
-      scale[m] = quantize_row<T>(row, K, q, topk, c, work.data());
-      int32_t s = 0;
-      for (int64_t k = 0; k < K; ++k) s += c[k];
-      row_sum[m] = s;
+      scale[m] = quantize_row(row.data(), K, q, topk, c, work.data());
+      row_sum[m] = sum_codes(c, K);
     }
   });
 }

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals
 
 from .bitlinear import BitLinear, InputQuantizerMixin
 from .kernels_cpu_native import (
@@ -433,16 +434,17 @@ def _reshape_weight_scale(module: nn.Module, state_dict: dict[str, Any], prefix:
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether a call of ``module`` must go through ``__call__`` (fused paths skip it otherwise)."""
-    # Forward hooks (e.g. sparsity.py's), accelerate's `_hf_hook` and global hooks must see every layer's call.
-    from torch.nn.modules import module as module_globals
+    """Whether a call of ``module`` must go through ``__call__`` (fused paths skip it otherwise).
 
+    Forward hooks (e.g. sparsity.py's), accelerate's ``_hf_hook`` and global hooks must see every layer's call.
+    Read from the instance dict: this runs for every projection of every decode step.
+    """
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
-        or hasattr(module, "_hf_hook")
-        or module_globals._global_forward_hooks
-        or module_globals._global_forward_pre_hooks
+        or "_hf_hook" in module.__dict__
+        or _module_globals._global_forward_hooks
+        or _module_globals._global_forward_pre_hooks
     )
 
 
@@ -451,14 +453,16 @@ def _fusable_norm(norm: nn.Module | None, x: torch.Tensor) -> bool:
     # `variance_epsilon`), hook-free, with a weight of the input's dtype on the CPU.
     if norm is None:
         return True
-    weight = getattr(norm, "weight", None)
-    return (
-        type(norm).__name__ == "BitNetA48RMSNorm"
-        and not has_forward_hooks(norm)
-        and isinstance(weight, torch.Tensor)
-        and weight.dtype == x.dtype
-        and weight.device.type == "cpu"
-        and weight.dim() == 1
+    if type(norm).__name__ != "BitNetA48RMSNorm" or has_forward_hooks(norm):
+        return False
+    weight = norm._parameters.get("weight")
+    return weight is not None and weight.dtype == x.dtype and weight.device.type == "cpu" and weight.dim() == 1
+
+
+def _on_native_path(layer: nn.Module) -> bool:
+    # The choice of `PackedBitLinear.backend` for a CPU input of a native dtype, without the library check.
+    return type(layer) is PackedBitLinear and (
+        layer.impl == "native" or (layer.impl == "auto" and layer.cpu_layout == "packed")
     )
 
 
@@ -474,35 +478,34 @@ def fused_projection(
     layers are (gate, up) and the one output is ``ReLU²(gate) · up``. It applies when every layer is a hook-free
     ``PackedBitLinear`` on the native path with the same input quantiser, no gradient is asked for, and ``norm`` is a
     hook-free ``BitNetA48RMSNorm`` with a weight of the input's dtype. The outputs equal the modules' own, bit for bit.
-    Otherwise None: the caller runs the modules (latent models, LoRA-wrapped layers, hooks, other devices).
+    Otherwise None: the caller runs the modules (latent models, LoRA-wrapped layers, hooks, other devices). The
+    checks run on every call of a decode step, so they read plain attributes only.
     """
-    first = layers[0]
-    fusable = (
-        all(type(layer) is PackedBitLinear and not has_forward_hooks(layer) for layer in layers)
-        and not (torch.is_grad_enabled() and input.requires_grad)
-        and first.act_quantizer in NATIVE_QUANTIZERS
-        and all(
-            layer.in_features == first.in_features
-            and layer.act_quantizer == first.act_quantizer
-            and layer.topk_ratio == first.topk_ratio
-            for layer in layers
-        )
-        and input.shape[-1] == first.in_features
-        and (not relu2_glu or (len(layers) == 2 and layers[0].out_features == layers[1].out_features))
-    )
-    if not fusable:
+    if input.device.type != "cpu" or input.dtype not in NATIVE_DTYPES:
         return None
-    x = input.reshape(-1, first.in_features)
-    if not _fusable_norm(norm, x) or any(layer.backend(x) != "native" for layer in layers):
+    if torch.is_grad_enabled() and input.requires_grad:
+        return None
+    first = layers[0]
+    for layer in layers:
+        if not _on_native_path(layer) or has_forward_hooks(layer):
+            return None
+        if (layer.act_quantizer, layer.topk_ratio, layer.in_features) != (first.act_quantizer, first.topk_ratio,
+                                                                          first.in_features):  # fmt: skip
+            return None
+    if first.act_quantizer not in NATIVE_QUANTIZERS or input.shape[-1] != first.in_features:
+        return None
+    if relu2_glu and (len(layers) != 2 or layers[0].out_features != layers[1].out_features):
+        return None
+    if not _fusable_norm(norm, input) or not native_available():
         return None
     outputs = ternary_linear_native(
-        x.contiguous(),
-        [layer.weight for layer in layers],
-        [layer.weight_scale for layer in layers],
+        input.reshape(-1, first.in_features).contiguous(),
+        [layer._buffers["weight"] for layer in layers],
+        [layer._buffers["weight_scale"] for layer in layers],
         [layer.out_features for layer in layers],
         first.act_quantizer,
         first.native_topk(),
-        norm_weight=None if norm is None else norm.weight,
+        norm_weight=None if norm is None else norm._parameters["weight"],
         norm_eps=0.0 if norm is None else float(norm.variance_epsilon),
         relu2_glu=relu2_glu,
     )
