@@ -25,7 +25,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from bitnet_a48 import BitNetA48ForCausalLM, config_from_preset
 from bitnet_a48.cache_bitnet_a48 import make_generation_cache
-from bitnet_a48.kernels_cpu_native import cpu_isa
 from bitnet_a48.packed_bitlinear import PackedBitLinear
 from bitnet_a48.packing import pack_ternary
 
@@ -41,6 +40,15 @@ def build(layers: int, kv_cache_bits: int | None, int8_head: bool) -> BitNetA48F
             module.weight.copy_(pack_ternary(codes))
             module.weight_scale.fill_(0.02)
     return model.quantize_lm_head("int8") if int8_head else model
+
+
+def native_path() -> str:
+    """The ISA path of the native kernels, or a note when the installed version predates them."""
+    try:
+        from bitnet_a48.kernels_cpu_native import cpu_isa
+    except ImportError:
+        return "none (a version without native kernels)"
+    return cpu_isa()
 
 
 def new_cache(model: BitNetA48ForCausalLM) -> object:
@@ -67,12 +75,18 @@ def steps(model: BitNetA48ForCausalLM, cache: object, token: torch.Tensor, n: in
     return (time.perf_counter() - t0) / n
 
 
+# Profiler events of the projections' kernels: the native ops, and (to profile earlier versions of the package with
+# this script) torch.compile'd regions and torch._int_mm.
+KERNEL_EVENTS = ("bitnet_a48_native::ternary", "bitnet_a48_native::quantize", "Torch-Compiled Region",
+                 "aten::_int_mm")  # fmt: skip
+
+
 def split(prof: profile, n: int, vocab: int) -> dict[str, float]:
     """ms per step of the native ternary ops and of the lm_head, from the profile's operator self times."""
     kernels = head = 0.0
     for evt in prof.key_averages(group_by_input_shape=True):
         ms = evt.self_cpu_time_total / 1e3 / n
-        if evt.key.startswith("bitnet_a48_native::ternary") or evt.key.startswith("bitnet_a48_native::quantize"):
+        if evt.key.startswith(KERNEL_EVENTS):
             kernels += ms
         elif evt.key == "bitnet_a48_native::int8_linear" or (
             evt.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")
@@ -108,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = split(prof, args.steps, vocab)
     outside = step_ms - parts["kernels"] - parts["head"]
     cache_name = f"{args.kv_cache_bits}-bit" if args.kv_cache_bits else "DynamicCache"
-    print(f"{args.layers} layers, {args.threads} threads, native path {cpu_isa()}, {cache_name} KV cache, "
+    print(f"{args.layers} layers, {args.threads} threads, native path {native_path()}, {cache_name} KV cache, "
           f"context {args.context}, {'int8' if args.int8_head else 'bf16'} head")
     print("| part | ms / step | share |")
     print("|---|---:|---:|")
