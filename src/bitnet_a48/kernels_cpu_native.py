@@ -9,14 +9,21 @@ Arithmetic, for activation codes ``a [M, K]`` (int8) and the packed weights of `
     s_i[m, r] = Σ_k a[m, k] · ((packed[r, k] >> 2i) & 3)            int32, exact (|s| ≤ K·2·128)
     y[m, i·R + r] = float(s_i[m, r] − Σ_k a[m, k]) · (x_scale[m] · α)  the epilogue of ternary_matmul_torch
 
-Each packed byte is loaded once and feeds four output rows: the four fields are one shift and one ``and`` each
-(``& 3`` keeps two bits of every byte of a 16-bit shift), unsigned, so they multiply the signed codes directly:
+Each packed byte is loaded once and feeds four output rows; the fields are unsigned, so they multiply the signed
+codes directly:
 
-- ``avx512``: AVX-512 F/BW with VNNI. ``vpdpbusd`` (u8 × s8, four products summed into each int32 lane) per field
-  and 64 columns; the last partial step uses masked loads. Blocks of 4 activation rows share the extracted fields.
-- ``avx2``: ``vpmaddubsw`` (u8 × s8 → pairs summed to int16, at most 512 a lane) accumulated in int16 for 32 steps
-  (below 2^15), then ``vpmaddwd`` by ones into int32. Blocks of 2 activation rows. The column tail is scalar.
+- ``avx512``: AVX-512 F/BW with VNNI. The fields are masked in place (``& 0x03``, ``0x0C``, ``0x30``, ``0xC0``: field
+  ``i`` times ``4^i``, at most 128, still an unsigned byte) and go to ``vpdpbusd`` (u8 × s8, four products summed
+  into each int32 lane), 64 columns a step, two accumulator sets for alternate steps; the exact sums are divided by
+  ``4^i`` at the end. The last partial step uses masked loads. Blocks of 4 activation rows share the fields.
+- ``avx2``: fields by one shift and one ``and`` each (``& 3`` keeps two bits of every byte of a 16-bit shift);
+  ``vpmaddubsw`` (u8 × s8 → pairs summed to int16, at most 512 a lane) accumulated in int16 for 32 steps (below
+  2^15), then ``vpmaddwd`` by ones into int32. Blocks of 2 activation rows. The column tail is scalar.
 - ``scalar``: plain C++ loops (also the only path off x86).
+
+The per-row loops (quantisers, RMSNorm) are compiled twice, for AVX2 and for baseline x86-64, and the loader picks
+by CPUID (``target_clones``); both clones compute the same values (no fast-math), and ``BITNET_A48_CPU_ISA`` does not
+choose between them.
 
 The weights keep the checkpoint layout: the kernel streams each packed row front to back, so no repacking is
 needed and no second copy is held. Work is split over tiles of 8 packed rows of all the group's weights together
