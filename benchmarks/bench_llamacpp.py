@@ -364,7 +364,11 @@ def time_projections_per_layer(model: BitNetA48ForCausalLM, reps: int) -> float:
             attn = layer.self_attn
             _project((attn.q_proj, attn.k_proj, attn.v_proj), x, layer.input_layernorm)
             _project((attn.o_proj,), attn_out, attn.attn_sub_norm)
-            layer.mlp(x, input_norm=layer.post_attention_layernorm)
+            glu = layer.mlp.fused_gate_up(x, layer.post_attention_layernorm)
+            if glu is None:
+                layer.mlp(layer.post_attention_layernorm(x))
+            else:
+                layer.mlp.project_down(glu)
 
     with torch.no_grad():
         sweep()  # warm-up

@@ -321,7 +321,9 @@ def _layer_reference(x: torch.Tensor, layer: PackedBitLinear) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quant_mode", ["a4.8", "a8"])
-def test_packed_model_native_equals_torch_reference(isa: str, dtype: torch.dtype, quant_mode: str) -> None:
+def test_packed_model_native_equals_torch_reference(
+    isa: str, dtype: torch.dtype, quant_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from conftest import TINY_CONFIG
 
     from bitnet_a48 import BitNetA48Config, BitNetA48ForCausalLM
@@ -334,8 +336,21 @@ def test_packed_model_native_equals_torch_reference(isa: str, dtype: torch.dtype
             p.data.uniform_(0.5, 1.5)  # norm weights away from 1, so a skipped norm weight would show
     model.pack()
     ids = torch.randint(3, 101, (3, 11))
+    from bitnet_a48 import packed_bitlinear
+
+    calls: list[int] = []
+    original = packed_bitlinear.ternary_linear_native
+
+    def counting(*args: object, **kwargs: object) -> list[torch.Tensor]:
+        calls.append(len(args[1]))  # weights in the call
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(packed_bitlinear, "ternary_linear_native", counting)
     with torch.no_grad():
         native = model(ids).logits
+    monkeypatch.undo()
+    assert calls == [3, 1, 2, 1] * TINY_CONFIG["num_hidden_layers"]  # q/k/v, o, gate/up, down: one call each
+    with torch.no_grad():
         with SparsityMeter(model):  # hooks on every projection: the fused calls step aside
             hooked = model(ids).logits
         for layer in model.projections().values():

@@ -110,18 +110,21 @@ class BitNetA48MLP(nn.Module):
         self.act_fn = make_activation(config.hidden_act)
         self.ffn_sub_norm = BitNetA48RMSNorm(dimension(config, INTERMEDIATE), eps=config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, input_norm: nn.Module | None = None) -> torch.Tensor:
-        """``x`` is the MLP's input, normalised by ``input_norm`` first when given (the decoder layer passes its
-        ``post_attention_layernorm``, so that packed CPU models fuse it into the gate/up call)."""
-        fused = None
-        if type(self.act_fn) is ReLUSquared and not has_forward_hooks(self.act_fn):
-            fused = fused_projection((self.gate_proj, self.up_proj), x, norm=input_norm, relu2_glu=True)
-        if fused is not None:
-            hidden = fused[0]  # ReLU²(gate) * up from one native call
-        else:
-            m = x if input_norm is None else input_norm(x)
-            gate, up = project_shared_input((self.gate_proj, self.up_proj), m)
-            hidden = self.act_fn(gate) * up
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: the normalised input ``m`` (the decoder layer applies ``post_attention_layernorm``)."""
+        gate, up = project_shared_input((self.gate_proj, self.up_proj), x)  # one call on packed CPU models
+        return self.project_down(self.act_fn(gate) * up)
+
+    def fused_gate_up(self, x: torch.Tensor, input_norm: nn.Module) -> torch.Tensor | None:
+        """``ReLU²(gate(m)) · up(m)`` with ``m = input_norm(x)`` in one native call, or None where it does not apply
+        (``packed_bitlinear.fused_projection``; the activation must be a hook-free ReLU²)."""
+        if type(self.act_fn) is not ReLUSquared or has_forward_hooks(self.act_fn):
+            return None
+        fused = fused_projection((self.gate_proj, self.up_proj), x, norm=input_norm, relu2_glu=True)
+        return None if fused is None else fused[0]
+
+    def project_down(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``down_proj(ffn_sub_norm(hidden))`` (one native call when packed)."""
         out = fused_projection((self.down_proj,), hidden, norm=self.ffn_sub_norm)
         return out[0] if out is not None else self.down_proj(self.ffn_sub_norm(hidden))
 
@@ -192,19 +195,16 @@ class BitNetA48Attention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        input_norm: nn.Module | None = None,
+        projected_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``hidden_states`` is normalised by ``input_norm`` first when given (the decoder layer passes its
-        ``input_layernorm``, so that packed CPU models fuse it into the q/k/v call)."""
+        """``hidden_states``: the normalised input; or, with ``projected_qkv`` (the q/k/v projections the decoder
+        layer computed in one fused call, see ``project_qkv``), the layer's input, of which only the shape is used."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        qkv = (self.q_proj, self.k_proj, self.v_proj)
-        projected = fused_projection(qkv, hidden_states, norm=input_norm)
-        if projected is None:
-            normed = hidden_states if input_norm is None else input_norm(hidden_states)
-            projected = project_shared_input(qkv, normed)
-        query, key, value = projected
+        if projected_qkv is None:
+            projected_qkv = project_shared_input((self.q_proj, self.k_proj, self.v_proj), hidden_states)
+        query, key, value = projected_qkv
         query_states = query.view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
         key_states = key.view(hidden_shape).transpose(1, 2)  # (B, H_kv, T, D)
         value_states = value.view(hidden_shape).transpose(1, 2)
@@ -238,6 +238,13 @@ class BitNetA48Attention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self._output_projection(attn_output), attn_weights
 
+    def project_qkv(self, x: torch.Tensor, input_norm: nn.Module) -> list[torch.Tensor] | None:
+        """q, k, v of ``input_norm(x)`` in one native call, or None where it does not apply (hooks on this module,
+        latent weights, other devices: ``packed_bitlinear.fused_projection``)."""
+        if has_forward_hooks(self):
+            return None
+        return fused_projection((self.q_proj, self.k_proj, self.v_proj), x, norm=input_norm)
+
     def _output_projection(self, attn_output: torch.Tensor) -> torch.Tensor:
         """``o_proj(attn_sub_norm(attn_output))``: SubLN before o_proj, as b1.58 (one native call when packed)."""
         fused = fused_projection((self.o_proj,), attn_output, norm=self.attn_sub_norm)
@@ -264,9 +271,12 @@ class BitNetA48DecoderLayer(GradientCheckpointingLayer):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
+        # Packed CPU models: each input norm is fused into the projections that read it (one native call); only
+        # tensors are passed between modules, so hooks (accelerate's offload among them) see what they expect.
+        qkv = self.self_attn.project_qkv(hidden_states, self.input_layernorm)
         hidden_states, attn_weights = self.self_attn(
-            hidden_states=hidden_states,
-            input_norm=self.input_layernorm,
+            hidden_states=hidden_states if qkv is not None else self.input_layernorm(hidden_states),
+            projected_qkv=None if qkv is None else tuple(qkv),
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -275,7 +285,14 @@ class BitNetA48DecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        hidden_states = hidden_states + self.mlp(hidden_states, input_norm=self.post_attention_layernorm)
+        glu = None
+        if not has_forward_hooks(self.mlp):
+            glu = self.mlp.fused_gate_up(hidden_states, self.post_attention_layernorm)
+        if glu is None:
+            mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        else:
+            mlp_out = self.mlp.project_down(glu)
+        hidden_states = hidden_states + mlp_out
         return hidden_states, attn_weights
 
 

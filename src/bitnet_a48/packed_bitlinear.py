@@ -489,6 +489,8 @@ def fused_projection(
     for layer in layers:
         if not _on_native_path(layer) or has_forward_hooks(layer):
             return None
+        if layer._buffers["weight"].device.type != "cpu":  # e.g. on meta until an offload hook of a parent loads it
+            return None
         if (layer.act_quantizer, layer.topk_ratio, layer.in_features) != (first.act_quantizer, first.topk_ratio,
                                                                           first.in_features):  # fmt: skip
             return None
