@@ -7,8 +7,7 @@ from make_copy_model import OUT as COPY_MODEL  # tests/ is on sys.path
 from make_copy_model import copy_corpus
 from torch import nn
 
-from bitnet_a48.int8_linear import Int8Linear
-from bitnet_a48.kernels_cpu_native import int8_linear_torch
+from bitnet_a48.int8_linear import Int8Linear, int8_linear_torch
 from bitnet_a48.modeling_bitnet_a48 import BitNetA48ForCausalLM
 from bitnet_a48.quantization import quantize_weight_int8_rows
 

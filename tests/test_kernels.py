@@ -55,7 +55,7 @@ def test_int_mm_path_equals_integer_reference(m: int, n: int) -> None:
 
 @pytest.mark.parametrize("m, k, n", [(1, 1, 5), (3, 1, 64), (2, 2, 3), (1, 17, 2)])
 def test_int_mm_path_exact_on_tiny_k(m: int, k: int, n: int) -> None:
-    # torch 2.13's CPU _int_mm is wrong for K = 1 (N >= 2); _int8_matmul takes an outer product there.
+    # torch 2.13's CPU _int_mm is wrong for K = 1 (N >= 2); int8_matmul takes an outer product there.
     codes = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     w = _ternary(n, k)
     for cache in (None, w):

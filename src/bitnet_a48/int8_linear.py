@@ -8,7 +8,7 @@ and quantises its input per token (INT8 absmax)::
 
     y = float(Σ_k a[k] · w[n, k]) · (x_scale · w_scale[n])         int32 accumulation
 
-through the native kernel (``kernels_cpu_native.int8_linear_native``; reference ``int8_linear_torch``, equal bit for
+through the native kernel (``kernels_cpu_native.int8_linear_native``; reference :func:`int8_linear_torch`, equal bit for
 bit). It is an explicit inference option (``BitNetA48ForCausalLM.quantize_lm_head("int8")``): the latent head or
 the tied embedding stays as it was, the model is not saved with it, and the effect on quality is in BENCHMARKS.md.
 """
@@ -18,13 +18,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels_cpu_native import int8_linear_native, int8_linear_torch, native_available
-from .quantization import quantize_weight_int8_rows
+from .kernels_cpu_native import int8_linear_native, native_available
+from .packed_bitlinear import Fp32ScaleMixin, int8_matmul
+from .quantization import quantize_act_int8, quantize_weight_int8_rows
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Int8Linear(nn.Module):
+def int8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Reference of the int8 linear: INT8 absmax codes of ``x [M, K]`` times int8 ``weight [N, K]``, then
+    ``float(acc) · (x_scale · weight_scale[n])`` in ``x.dtype``."""
+    codes, x_scale = quantize_act_int8(x)
+    acc = int8_matmul(codes, weight)  # (M, N) int32, exact
+    return (acc.float() * (x_scale * weight_scale.view(1, -1))).to(x.dtype)
+
+
+class Int8Linear(Fp32ScaleMixin, nn.Module):
     """``nn.Linear``-like layer (no bias) with int8 weights ``[out, in]`` and one fp32 scale per output row.
 
     The buffers are named ``weight_int8`` and ``weight_scale`` (not ``weight``), so that transformers' weight
@@ -73,14 +82,6 @@ class Int8Linear(nn.Module):
         else:
             y = int8_linear_torch(x, self.weight_int8, self.weight_scale)
         return y.reshape(*lead, self.out_features)
-
-    def _apply(self, fn, recurse: bool = True) -> Int8Linear:  # type: ignore[no-untyped-def]
-        # `model.to(torch.bfloat16)` casts floating buffers; the per-row scales stay fp32.
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
-        return self
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=int8 per-row scales"

@@ -1,7 +1,7 @@
 """Native CPU kernels (C++, built on first use): ternary linear layers and an int8 linear, with run-time ISA dispatch.
 
 Torch references: ``packed_bitlinear.ternary_matmul_torch`` (ternary matmul), ``quantization.quantize_act``
-(activation quantisers) and :func:`int8_linear_torch` (int8 head). Every op equals its reference bit for bit.
+(activation quantisers) and ``int8_linear.int8_linear_torch`` (int8 head). Every op equals its reference bit for bit.
 
 Arithmetic, for activation codes ``a [M, K]`` (int8) and the packed weights of ``packing.py`` (uint8 ``[R, K]``,
 ``R = ceil(N/4)``, field ``i`` of packed row ``r`` holds ``f = w + 1 ∈ {0, 1, 2}`` of output row ``i·R + r``)::
@@ -62,7 +62,6 @@ from pathlib import Path
 import torch
 
 from .kernels_cpu_native_source import CPP_SOURCE
-from .quantization import quantize_act_int8
 
 ISAS = ("scalar", "avx2", "avx512")
 NATIVE_QUANTIZERS = ("int8", "int4", "topk_int8")
@@ -282,7 +281,7 @@ def ternary_matmul_native(
 
 
 def int8_linear_native(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """:func:`int8_linear_torch` in one native call."""
+    """``int8_linear.int8_linear_torch`` in one native call."""
     return torch.ops.bitnet_a48_native.int8_linear(x, weight, weight_scale)
 
 
@@ -315,11 +314,3 @@ def kv_decode_attention_native(
 def kv_quantize_pack_native(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels_kv_cache.quantize_pack_torch(x, bits, torch.float16)`` in one call, equal bit for bit."""
     return torch.ops.bitnet_a48_native.kv_quantize_pack(x, bits)
-
-
-def int8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """Reference of the int8 linear: INT8 absmax codes of ``x [M, K]`` times int8 ``weight [N, K]``, then
-    ``float(acc) · (x_scale · weight_scale[n])`` in ``x.dtype``."""
-    codes, x_scale = quantize_act_int8(x)
-    acc = torch._int_mm(codes, weight.t()) if codes.shape[1] > 1 else codes.int() * weight.int().t()
-    return (acc.float() * (x_scale * weight_scale.view(1, -1))).to(x.dtype)

@@ -86,7 +86,7 @@ def _triton_available() -> bool:
     return kernels_ternary_matmul.HAS_TRITON
 
 
-def _int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b^T`` in int32 for int8 ``a [M, K]`` and int8 ``b [N, K]``, exact."""
     if a.device.type == "cpu":
         if a.shape[1] == 1:
@@ -125,7 +125,7 @@ def ternary_matmul_torch(
     """
     m = codes.shape[0]
     if weight_int8 is not None:
-        acc = _int8_matmul(codes, weight_int8)  # (M, N)
+        acc = int8_matmul(codes, weight_int8)  # (M, N)
     else:
         acc = _packed_int8_matmul(codes, packed, out_features)
     return (acc.float() * scale.reshape(m, 1)).to(out_dtype)
@@ -162,8 +162,8 @@ def _packed_int8_matmul(codes: torch.Tensor, packed: torch.Tensor, out_features:
         r1 = min(rows, r0 + step)
         chunk = torch.bitwise_and(packed[r0:r1].unsqueeze(0), masks, out=planes[:, : r1 - r0])  # (4, n, K)
         fields = chunk.view(torch.int8).reshape(VALUES_PER_BYTE * (r1 - r0), k)
-        acc[:, :, r0:r1] = _int8_matmul(codes, fields).view(m, VALUES_PER_BYTE, r1 - r0)
-    whole = _int8_matmul(codes, packed.view(torch.int8))  # (M, R): t, the bytes read as int8
+        acc[:, :, r0:r1] = int8_matmul(codes, fields).view(m, VALUES_PER_BYTE, r1 - r0)
+    whole = int8_matmul(codes, packed.view(torch.int8))  # (M, R): t, the bytes read as int8
     s0, s1, s2, s3 = acc.unbind(1)
     f3 = (whole - s0 - s1 - s2 - 2 * s3) >> 6
     acc = torch.stack((s0, s1 >> 2, s2 >> 4, f3), dim=1)  # (M, 4, R): Σ a·f_i
@@ -172,7 +172,23 @@ def _packed_int8_matmul(codes: torch.Tensor, packed: torch.Tensor, out_features:
     return flat - codes.sum(dim=-1, keepdim=True, dtype=torch.int32)
 
 
-class PackedBitLinear(InputQuantizerMixin, nn.Module):
+class Fp32ScaleMixin:
+    """Keeps a module's ``weight_scale`` buffer fp32 through ``model.to(dtype)`` casts (only its device follows).
+
+    nn.Module._apply is private API, pinned by test_weight_scale_stays_fp32_under_model_casts.
+    """
+
+    weight_scale: torch.Tensor
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        scale = self.weight_scale
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
+        return self
+
+
+class PackedBitLinear(InputQuantizerMixin, Fp32ScaleMixin, nn.Module):
     """Ternary linear layer for inference: 2-bit packed weights, quantised inputs, integer matmul.
 
     Args:
@@ -391,15 +407,6 @@ class PackedBitLinear(InputQuantizerMixin, nn.Module):
         return y.reshape(*lead, self.out_features)
 
     # -- utilities -------------------------------------------------------------------------------------------
-
-    def _apply(self, fn: Any, recurse: bool = True) -> PackedBitLinear:
-        # ``model.to(torch.bfloat16)`` casts every floating buffer; α stays fp32 (only its device follows).
-        # nn.Module._apply is private API, pinned by test_weight_scale_stays_fp32_under_model_casts.
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight_scale.dtype != torch.float32:
-            self.weight_scale = scale.to(device=self.weight_scale.device, dtype=torch.float32)
-        return self
 
     def validate(self) -> None:
         """Raise ``ValueError`` if the packed weights hold the invalid code 3 or ``weight_scale`` is not finite."""
