@@ -19,10 +19,8 @@ import torch
 from torch import nn
 
 from .kernels_cpu_native import int8_linear_native, native_available
-from .packed_bitlinear import Fp32ScaleMixin, int8_matmul
+from .packed_bitlinear import NATIVE_DTYPES, Fp32ScaleMixin, int8_matmul
 from .quantization import quantize_act_int8, quantize_weight_int8_rows
-
-NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def int8_linear_torch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
