@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create a virtual environment and install bitnet-a48 with its extras (triton, training, dev).
+# Create a virtual environment and install bitnet-a48 with its extras (triton, training, serve, dev).
 #   DEPS=locked  (default) the exact versions of requirements.lock: what the tests passed with, on any day
 #   DEPS=newest  the newest releases of transformers, peft, accelerate and datasets (CI: drift caught the day it happens)
 #   DEPS=lowest  the lower bounds of pyproject.toml (constraints-lowest.txt)
@@ -24,7 +24,7 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install --quiet -c requirements.lock pip
 "${PIP[@]}" install --quiet "$TORCH_SPEC"
-"${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -e ".[triton,training,dev]"
+"${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -e ".[triton,training,serve,dev]"
 if [ "$DEPS" = newest ]; then
     "${PIP[@]}" install --quiet --upgrade transformers peft accelerate datasets
 fi
