@@ -61,12 +61,16 @@ from pathlib import Path
 
 import torch
 
+from .kernels_cpu_native_kv_source import KV_CPP_SOURCE
 from .kernels_cpu_native_source import CPP_SOURCE
 
 ISAS = ("scalar", "avx2", "avx512")
 NATIVE_QUANTIZERS = ("int8", "int4", "topk_int8")
 ISA_ENV = "BITNET_A48_CPU_ISA"
 CACHE_ENV = "BITNET_A48_CACHE_DIR"
+
+# One translation unit: the ternary and int8 kernels, then the KV-cache kernels (which use the first part's helpers).
+SOURCE = CPP_SOURCE + KV_CPP_SOURCE
 
 _STATE: dict[str, object] = {}
 
@@ -81,7 +85,7 @@ def _compiler() -> str | None:
 
 
 def _library_name() -> str:
-    key = hashlib.sha256(f"{CPP_SOURCE}\0{torch.__version__}\0{sys.platform}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{SOURCE}\0{torch.__version__}\0{sys.platform}".encode()).hexdigest()[:16]
     return f"bitnet_a48_native_{key}.so"
 
 
@@ -98,7 +102,7 @@ def _build(compiler: str, target: Path) -> float:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source = Path(tmp) / "bitnet_a48_native.cpp"
-        source.write_text(CPP_SOURCE)
+        source.write_text(SOURCE)
         output = Path(tmp) / target.name
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         command = [
