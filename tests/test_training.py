@@ -4,10 +4,13 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from bitnet_a48 import cli, create_model
 from bitnet_a48.data import PackedDataset, load_documents, pack_documents
 from bitnet_a48.quantization import quantize_act_int4
+from bitnet_a48.resume import RESUME_FILE, last_complete_checkpoint
 from bitnet_a48.sparsity import measure_sparsity
 from bitnet_a48.tokenization_bitnet_a48 import train_bpe_tokenizer
 from bitnet_a48.training import RecipeConfig, TrainResult, build_model, evaluate_perplexity, get_preset, train_recipe
@@ -105,6 +109,15 @@ def test_resume_gives_the_same_next_loss(data: tuple, tmp_path: Path) -> None:
     assert resumed.modes == ["a8", "a4.8"]  # steps 3 and 4: the switch happens after the resume
     assert again[3] == pytest.approx(full[3], rel=1e-5, abs=1e-6)
     assert again[4] == pytest.approx(full[4], rel=1e-5, abs=1e-6)
+
+    # Another recipe from a checkpoint: refused, unless the run says it branches off and the steps taken agree.
+    after_switch = str(tmp_path / "full" / "checkpoint-4")
+    b158 = RecipeConfig(**{**vars(recipe), "recipe": "b1.58"})
+    with pytest.raises(ValueError, match=r"the recipe differs: recipe 'b1.58' \(checkpoint: 'a4.8'\)"):
+        _train(data, tmp_path / "b158", b158, resume_from_checkpoint=after_switch)
+    with pytest.raises(ValueError, match="its 4 steps ran in other quant modes"):
+        _train(data, tmp_path / "b158", b158, resume_from_checkpoint=after_switch, allow_recipe_change=True)
+    assert not (tmp_path / "b158").exists()  # refused before Trainer existed
 
 
 def test_perplexity_and_sparsity(data: tuple) -> None:
@@ -240,3 +253,147 @@ def test_ddp_two_processes_match_one(play_folder: Path, tmp_path: Path) -> None:
     for step in ddp_losses:
         assert ddp_losses[step] == pytest.approx(single_losses[step], rel=1e-3), (ddp_losses, single_losses)
     assert ddp["perplexity"] == pytest.approx(single["perplexity"], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `bitnet-a48 train --resume`: the same losses as without the interruption, refusals, a kill while saving
+# ---------------------------------------------------------------------------------------------------------
+
+RESUME_STEPS = 6
+
+
+def _resume_argv(play_folder: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--recipe", "a4.8", "--preset", "tiny", "--steps", str(RESUME_STEPS), "--stage2-fraction", "0.34",
+            "--data", str(play_folder), "--seq-len", "16", "--vocab-size", "300", "--batch-size", "8",
+            "--eval-steps", "0", "--save-steps", "2", "--output-dir", str(out), *extra]
+
+
+def _logged(metrics_file: Path) -> dict[int, tuple[float, float]]:
+    history = json.loads(metrics_file.read_text())["log_history"]
+    return {h["step"]: (h["loss"], h["learning_rate"]) for h in history if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(play_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`bitnet-a48 train` for 6 steps (stage 2 from step 5), a checkpoint every 2 steps: its output folder."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert cli.main(_resume_argv(play_folder, out)) == 0
+    return out
+
+
+def _kill_while_writing(argv: list[str], blocking_file: Path) -> None:
+    """Run the command in a process and SIGKILL it while it writes `blocking_file`, a FIFO made here.
+
+    Opening a FIFO for writing blocks until a reader opens it: once the reader here has read the first byte, the
+    process is inside that write, whatever the machine's speed.
+    """
+    os.mkfifo(blocking_file)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet_a48.cli", *argv], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    got: dict[str, Any] = {}
+
+    def read_first_byte() -> None:
+        got["fd"] = os.open(blocking_file, os.O_RDONLY)
+        got["byte"] = os.read(got["fd"], 1)
+
+    reader = threading.Thread(target=read_first_byte, daemon=True)
+    reader.start()
+    while reader.is_alive() and proc.poll() is None:
+        reader.join(0.05)
+    if "byte" not in got:  # the process ended without writing the file: unblock the reader, show why
+        os.close(os.open(blocking_file, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"the training process ended (status {proc.wait()}) before writing {blocking_file}: "
+                    f"{proc.stderr.read()[-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    proc.stderr.close()
+    os.close(got["fd"])
+    # What a kill leaves of a file being written: its first bytes, in a regular file.
+    blocking_file.unlink()
+    blocking_file.write_bytes(got["byte"])
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(
+    play_folder: Path, uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "killed"
+    (out / "checkpoint-4").mkdir(parents=True)
+    # Trainer writes the model and tokenizer, then optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json.
+    _kill_while_writing(_resume_argv(play_folder, out), out / "checkpoint-4" / "optimizer.pt")
+    assert (out / "checkpoint-4" / "model.safetensors").is_file()
+    assert not (out / "checkpoint-4" / RESUME_FILE).exists() and (out / "checkpoint-2" / RESUME_FILE).is_file()
+    assert last_complete_checkpoint(out) == (out / "checkpoint-2", [out / "checkpoint-4"])
+    # Trainer's own choice would be the torn checkpoint-4.
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-4")
+
+    assert cli.main(_resume_argv(play_folder, out, "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert f"skipping {out / 'checkpoint-4'}: incomplete" in printed
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    # Steps 1-2 ran in the killed process, 3-6 after the resume: losses and learning rates of the uninterrupted run.
+    resumed, reference = _logged(out / "metrics.json"), _logged(uninterrupted / "metrics.json")
+    assert set(resumed) == set(reference) == set(range(1, RESUME_STEPS + 1))
+    for step in reference:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), (step, resumed, reference)
+    assert (out / "checkpoint-4" / RESUME_FILE).is_file()  # written again, complete this time
+    assert torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True)["state"]
+
+
+def _one_error_line(capsys: pytest.CaptureFixture) -> str:
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("bitnet-a48 train: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seq-len", "32"], "the data differs: seq_len 32 (checkpoint: 16), train_blocks_sha256"),
+    (["--data", "ONE_PLAY"], "the data differs: source "),
+    (["--seed", "1"], "the data differs: shuffle_seed 1 (checkpoint: 0)"),
+    (["--vocab-size", "280"], "the tokenizer differs: bpe_vocab_size 280 (checkpoint: 300)"),
+    (["--tokenizer", "OTHER_TOKENIZER"], "the tokenizer differs: name "),
+    (["--hidden-act", "silu"], "the model config differs: hidden_act 'silu' (checkpoint: 'relu2')"),
+    (["--steps", "12"], "the recipe differs: max_steps 12 (checkpoint: 6)"),
+    (["--lr", "1e-3"], "the recipe differs: lr 0.001 (checkpoint: 0.003), second_lr"),
+])
+def test_resume_refuses_what_differs_in_one_line(play_folder: Path, uninterrupted: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture, extra: list[str],
+                                                 message: str) -> None:
+    other = tmp_path / "other-tokenizer"
+    train_bpe_tokenizer([(play_folder / sorted(os.listdir(play_folder))[1]).read_text()], 280).save_pretrained(other)
+    one_play = play_folder / sorted(os.listdir(play_folder))[0]
+    extra = [{"ONE_PLAY": str(one_play), "OTHER_TOKENIZER": str(other)}.get(a, a) for a in extra]
+    out = tmp_path / "resumed"
+    argv = _resume_argv(play_folder, out, "--resume", str(uninterrupted / "checkpoint-2"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, *extra])
+    assert exit_info.value.code == 2
+    line = _one_error_line(capsys)
+    assert f"cannot resume from {uninterrupted / 'checkpoint-2'}: " in line and message in line, line
+    assert not out.exists()  # nothing trained or written
+    # The same command without the difference resumes (in this process, as the uninterrupted run: bit for bit).
+    if extra[0] == "--seq-len":
+        assert cli.main(argv) == 0
+        assert _logged(out / "metrics.json") == _logged(uninterrupted / "metrics.json")
+
+
+def test_resume_refuses_incomplete_or_missing_checkpoints(play_folder: Path, uninterrupted: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    torn = tmp_path / "run" / "checkpoint-2"
+    shutil.copytree(uninterrupted / "checkpoint-2", torn)
+    (torn / RESUME_FILE).unlink()
+    for resume, message in [([], "no complete checkpoint-* folder in"), ([str(torn)], "is not a complete checkpoint"),
+                            ([str(tmp_path / "nothing")], "checkpoint folder not found")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(_resume_argv(play_folder, tmp_path / "run", "--resume", *resume))
+        assert exit_info.value.code == 2 and message in _one_error_line(capsys)
+    # A checkpoint whose files changed after it was marked complete.
+    changed = tmp_path / "changed" / "checkpoint-2"
+    shutil.copytree(uninterrupted / "checkpoint-2", changed)
+    with open(changed / "optimizer.pt", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(SystemExit):
+        cli.main(_resume_argv(play_folder, tmp_path / "changed", "--resume"))
+    assert "changed after it was written: optimizer.pt has" in _one_error_line(capsys)

@@ -3,7 +3,8 @@
 Subcommands are registered in :data:`SUBCOMMANDS`: each entry is a function that adds its parser (with
 ``set_defaults(func=...)``) to the subparsers. Building the parsers imports neither torch nor transformers, so
 ``--help`` answers at once: each command imports what it needs when it runs, and :func:`main` registers the Auto
-classes first. Bad input (``ValueError``, ``FileNotFoundError``) ends as one ``error:`` line on stderr, exit status 2.
+classes first. Bad input (a usage error, ``ValueError``, ``OSError`` such as a missing file, ``ImportError`` of an
+optional package) ends as one ``error:`` line on stderr, exit status 2.
 
     bitnet-a48 quickstart                         # fp / b1.58 / a4.8 on the embedded Shakespeare corpus, ~12 min
     bitnet-a48 train --recipe a4.8 --data corpus.jsonl --preset small --output-dir runs/a48
@@ -89,7 +90,7 @@ def _recipe_from_args(args: argparse.Namespace, preset: dict[str, Any], recipe: 
     )
 
 
-def _prepare(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
+def _prepare(args: argparse.Namespace, preset: dict[str, Any], resume: str | None = None) -> Any:
     from .training import prepare_data
 
     return prepare_data(
@@ -99,6 +100,7 @@ def _prepare(args: argparse.Namespace, preset: dict[str, Any]) -> Any:
         vocab_size=args.vocab_size or preset["vocab_size"],
         seed=args.seed,
         validation_every=args.validation_every,
+        trained_tokenizer_from=resume,  # the checkpoint's BPE, not one trained again
         text_field=args.text_field,
         dataset_config=args.dataset_config,
         dataset_split=args.dataset_split,
@@ -121,6 +123,14 @@ def _check_model_folder(model: str, hub_names: bool = False) -> None:
         raise FileNotFoundError(f"model folder not found: {model}")
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise FileNotFoundError(f"{model}: no config.json, not a folder written by save_pretrained")
+
+
+def _from_pretrained(auto_class: Any, name: str, trust_remote_code: bool) -> Any:
+    """`auto_class.from_pretrained(name)`; an `OSError` (no such folder or Hub model, no network) names `name`."""
+    try:
+        return auto_class.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise OSError(f"cannot load {name!r}: {err}") from err
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -146,16 +156,31 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="GLU activation (default: relu2 for a4.8 as in the paper, silu for b1.58 and fp as published)")
     p.add_argument("--output-dir", default="bitnet-a48-run")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from a checkpoint folder, or the latest one in --output-dir")
+                   help="resume from a checkpoint folder, or the last complete one in --output-dir; refuses when "
+                        "the data, tokenizer, model config or schedule differ from the checkpoint's")
     p.add_argument("--save-steps", type=int, default=0, help="write a resumable checkpoint every N steps")
     _add_schedule_options(p)
     _add_data_options(p)
     p.set_defaults(func=cmd_train)
 
 
-def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers.trainer_utils import get_last_checkpoint
+def _resume_checkpoint(resume: str, output_dir: str) -> str:
+    """The checkpoint `--resume` names: a folder, or ("latest") the last complete one in `output_dir`."""
+    from .resume import RESUME_FILE, last_complete_checkpoint, read_resume_file
 
+    if resume != "latest":
+        read_resume_file(resume)  # a missing or incomplete folder fails here, in one line
+        return resume
+    found, skipped = last_complete_checkpoint(output_dir)
+    if found is None:
+        what = f" ({', '.join(p.name for p in skipped)} incomplete: no {RESUME_FILE})" if skipped else ""
+        raise FileNotFoundError(f"--resume: no complete checkpoint-* folder in {output_dir}{what}")
+    for folder in skipped:
+        print(f"skipping {folder}: incomplete (no {RESUME_FILE}; its write was interrupted)", flush=True)
+    return str(found)
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from .sparsity import format_sparsity_table, measure_sparsity
     from .training import (
         RECIPE_LABELS,
@@ -175,21 +200,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     recipe_name = resolve_recipe(args.recipe)
     _check_positive(args, "steps", "batch_size", "seq_len", "vocab_size", "grad_accum")
     recipe: RecipeConfig = _recipe_from_args(args, preset, recipe_name, save_steps=args.save_steps)
-    resume: str | None = None
-    if args.resume == "latest":
-        resume = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if resume is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* folder in {args.output_dir}")
-    elif args.resume:
-        if not os.path.isdir(args.resume):
-            raise FileNotFoundError(f"--resume: checkpoint folder not found: {args.resume}")
-        resume = args.resume
-    data = _prepare(args, preset)
+    resume = _resume_checkpoint(args.resume, args.output_dir) if args.resume else None
+    if resume is not None:
+        print(f"resuming from {resume}", flush=True)
+    data = _prepare(args, preset, resume=resume)
     print(data.description, flush=True)
     model = build_model(preset["model"], data.tokenizer, recipe.stage_modes[0], seed=args.seed,
                         hidden_act=args.hidden_act or ("relu2" if recipe_name == "a4.8" else "silu"))
     result = train_recipe(model, recipe, data.train, data.validation, args.output_dir, tokenizer=data.tokenizer,
-                          resume_from_checkpoint=resume)
+                          resume_from_checkpoint=resume, fingerprint=data.fingerprint)
     if not _is_main_process():
         return {}
     out = Path(args.output_dir)
@@ -273,7 +292,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
               flush=True)
         model = build_model(preset["model"], data.tokenizer, recipe.stage_modes[0], seed=args.seed, hidden_act=act)
         result = train_recipe(model, recipe, data.train, data.validation, out / "runs" / name,
-                              tokenizer=data.tokenizer, keep_stage1=name == "a4.8")
+                              tokenizer=data.tokenizer, keep_stage1=name == "a4.8", fingerprint=data.fingerprint)
         tick = time.perf_counter()
         label = RECIPE_LABELS[name]
         ppl[label] = perplexity_of(result.model)
@@ -298,7 +317,8 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
             relu2 = train_recipe(
                 build_model(preset["model"], data.tokenizer, "a8", seed=args.seed, hidden_act=act), relu2_recipe,
                 data.train, data.validation, branch, tokenizer=data.tokenizer,
-                resume_from_checkpoint=str(branch / f"checkpoint-{switch}"),
+                resume_from_checkpoint=str(branch / f"checkpoint-{switch}"), fingerprint=data.fingerprint,
+                allow_recipe_change=True,
             )
             ppl[relu2_label] = perplexity_of(relu2.model)
             sparsity[relu2_label] = measure_sparsity(relu2.model, sparsity_blocks)
@@ -381,8 +401,8 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_positive(args, "max_new_tokens")
     _check_model_folder(args.model, hub_names=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    model = _from_pretrained(AutoModelForCausalLM, args.model, args.trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, args.tokenizer or args.model, args.trust_remote_code)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     set_seed(args.seed)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": not args.greedy}
@@ -508,8 +528,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     _check_positive(args, "seq_len")
     _check_model_folder(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model = _from_pretrained(AutoModelForCausalLM, args.model, args.trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, args.model, args.trust_remote_code)
     if args.quant_mode is not None:
         model.set_quant_mode(args.quant_mode)
     corpus = load_corpus(args.data, args.validation_every, text_field=args.text_field)
@@ -570,7 +590,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2")
     _check_model_folder(args.model, hub_names=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).eval()
+    model = _from_pretrained(AutoModelForCausalLM, args.model, args.trust_remote_code).eval()
     ids = torch.randint(3, model.config.vocab_size, (args.batch_size, args.prompt_tokens),
                         generator=torch.Generator().manual_seed(0))
     variants = {f"as saved ({model.config.weight_format})": model}
@@ -608,8 +628,18 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``PROG: error: MESSAGE (see PROG --help)``) without the usage block.
+
+    Subparsers are made of the parent's class, so every subcommand answers the same way.
+    """
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitnet-a48", description="BitNet a4.8 for Hugging Face transformers")
+    parser = OneLineErrorParser(prog="bitnet-a48", description="BitNet a4.8 for Hugging Face transformers")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in SUBCOMMANDS:
         register(sub)
@@ -625,8 +655,9 @@ def main(argv: list[str] | None = None) -> int:
 
         register_auto_classes()  # the package skipped it for `bitnet-a48` (see bitnet_a48/__init__.py)
         result = args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
-        # Bad input, a missing file or optional package: one line, no traceback. Other exceptions are bugs.
+    except (ValueError, OSError, ImportError) as err:
+        # Bad input, a missing file, folder or Hub model (OSError), an optional package: one line, no traceback.
+        # Other exceptions are bugs.
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
         parser.exit(2, f"bitnet-a48 {args.command}: error: {message}\n")
     return result if isinstance(result, int) else 0

@@ -17,6 +17,11 @@ The baselines use the same code: ``recipe="b1.58"`` stays in ``"a8"`` all the wa
 
 Data order: the packed training blocks are shuffled once with the seed and then read in order, so one process and
 ``accelerate launch --num_processes N`` see the same global batches (DDP averages the gradients of the shards).
+
+Resume is Trainer's own (``resume_from_checkpoint``: weights, optimizer, scheduler, RNG states, `TrainerState` and
+with it the data position); `train_recipe` adds what Trainer lacks (resume.py): every checkpoint gets a fingerprint
+of the data, tokenizer, model config and recipe, written last so that it also marks the folder complete, and a
+resume refuses in one line when any of them differs.
 """
 
 from __future__ import annotations
@@ -43,9 +48,21 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .configuration_bitnet_a48 import PRESETS as MODEL_PRESETS
 from .data import PackedDataset
+from .resume import (
+    blocks_sha256,
+    check_resume,
+    config_fingerprint,
+    documents_sha256,
+    last_complete_checkpoint,
+    recipe_fingerprint,
+    remove_resume_file,
+    tokenizer_sha256,
+    write_resume_file,
+)
 
 # Recipe -> (stage-1 quant_mode, stage-2 quant_mode). "a8" and "none" are accepted as aliases of the baselines.
 RECIPES: dict[str, tuple[str, str]] = {"a4.8": ("a8", "a4.8"), "b1.58": ("a8", "a8"), "fp": ("none", "none")}
@@ -239,11 +256,24 @@ class BarOnlyProgressCallback(ProgressCallback):
 
 
 class BitNetTrainer(Trainer):
-    """`Trainer` with the two-peak learning-rate schedule, per-step weight decay and a fixed data order."""
+    """`Trainer` with the two-peak learning-rate schedule, per-step weight decay, a fixed data order and checkpoints
+    that carry the run's fingerprint (`fingerprint`, see resume.py) in a file written last."""
 
-    def __init__(self, *args: Any, recipe: RecipeConfig, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, recipe: RecipeConfig, fingerprint: dict[str, Any], **kwargs: Any) -> None:
         self.recipe = recipe
+        self.fingerprint = fingerprint
         super().__init__(*args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Trainer writes checkpoint-N in place (5.17 to 5.24): unmark the folder first (a rewrite killed halfway must
+        # not look complete), mark it once every process has written its files.
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            remove_resume_file(folder)
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save and os.path.isdir(folder):
+            write_resume_file(folder, self.fingerprint, self.state.global_step)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
@@ -333,10 +363,45 @@ def train_recipe(
     resume_from_checkpoint: str | bool | None = None,
     keep_stage1: bool = False,
     callbacks: list[TrainerCallback] | None = None,
+    fingerprint: dict[str, dict[str, Any]] | None = None,
+    allow_recipe_change: bool = False,
 ) -> TrainResult:
-    """Train `model` with one recipe on Trainer; checkpoints go to `output_dir/checkpoint-*` and resume."""
+    """Train `model` with one recipe on Trainer; checkpoints go to `output_dir/checkpoint-*` and resume.
+
+    Args:
+        resume_from_checkpoint: a checkpoint folder, or True for the last complete one in `output_dir`. Raises
+            `ValueError` (one line) when the data, tokenizer, model config or recipe differ from the checkpoint's.
+        fingerprint: what the caller knows of the data and tokenizer (`PreparedData.fingerprint`: sources and
+            settings), saved with every checkpoint beside the hashes read here off the dataset, tokenizer, model
+            config and recipe.
+        allow_recipe_change: the run branches off the checkpoint with another recipe (the quickstart's b1.58 with
+            ReLU²GLU from the a4.8 run's stage 1): the recipe name and stage-2 share may differ, as long as the steps
+            already taken ran in the same quant modes.
+    """
     if recipe.eval_blocks and eval_dataset is not None and len(eval_dataset) > recipe.eval_blocks:
         eval_dataset = PackedDataset(eval_dataset.blocks[: recipe.eval_blocks])
+    known = fingerprint or {}
+    run_fingerprint = {
+        "data": {**known.get("data", {}), "train_blocks_sha256": blocks_sha256(train_dataset.blocks)},
+        "tokenizer": {**known.get("tokenizer", {}),
+                      "sha256": tokenizer_sha256(tokenizer) if tokenizer is not None else None},
+        "model_config": config_fingerprint(model.config),
+        "recipe": recipe_fingerprint(asdict(recipe)),
+    }
+    if resume_from_checkpoint is True:
+        found, _ = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint-* folder in {output_dir}")
+        resume_from_checkpoint = str(found)
+    if resume_from_checkpoint:
+        saved = check_resume(resume_from_checkpoint, run_fingerprint,
+                             recipe_may_change=("recipe", "stage2_fraction") if allow_recipe_change else ())
+        if allow_recipe_change:
+            taken = saved["global_step"]
+            before = RecipeConfig(**saved["recipe"])
+            if [before.quant_mode_at(s) for s in range(taken)] != [recipe.quant_mode_at(s) for s in range(taken)]:
+                raise ValueError(f"cannot resume from {resume_from_checkpoint}: its {taken} steps ran in other quant "
+                                 f"modes than recipe {recipe.recipe!r} would have")
     args = training_arguments(recipe, output_dir, has_eval=eval_dataset is not None)
     stages = TwoStageCallback(recipe, keep_stage1=keep_stage1)
     # transformers' Trainer sets `model.config.use_cache = args.use_cache` (False): put the model's own value back
@@ -346,6 +411,7 @@ def train_recipe(
         model=model,
         args=args,
         recipe=recipe,
+        fingerprint=run_fingerprint,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -355,7 +421,7 @@ def train_recipe(
     trainer.add_callback(BarOnlyProgressCallback)
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     finally:
         model.config.use_cache = use_cache
     seconds = time.perf_counter() - start
@@ -469,6 +535,7 @@ class PreparedData:
     validation: PackedDataset
     description: str
     tokenizer_seconds: float
+    fingerprint: dict[str, dict[str, Any]] = field(default_factory=dict)  # for train_recipe (resume.py)
 
 
 def prepare_data(
@@ -478,9 +545,14 @@ def prepare_data(
     vocab_size: int = 4096,
     seed: int = 0,
     validation_every: int = 10,
+    trained_tokenizer_from: str | Path | None = None,
     **load_kwargs: Any,
 ) -> PreparedData:
-    """Load and split the corpus, train (or load) the tokenizer on the training split, pack both splits."""
+    """Load and split the corpus, train (or load) the tokenizer on the training split, pack both splits.
+
+    ``trained_tokenizer_from``: a folder holding the BPE that this data and `vocab_size` trained before (a
+    checkpoint's, on resume), loaded instead of trained again; ignored when `tokenizer_name` is given.
+    """
     from .data import load_corpus, pack_documents
     from .tokenization_bitnet_a48 import load_tokenizer, train_bpe_tokenizer
 
@@ -488,6 +560,8 @@ def prepare_data(
     start = time.perf_counter()
     if tokenizer_name:
         tokenizer = load_tokenizer(tokenizer_name)
+    elif trained_tokenizer_from is not None:
+        tokenizer = load_tokenizer(str(trained_tokenizer_from))
     else:
         tokenizer = train_bpe_tokenizer((d.text for d in corpus.train), vocab_size=vocab_size)
     tokenizer_seconds = time.perf_counter() - start
@@ -497,7 +571,16 @@ def prepare_data(
         f"{corpus.describe()}; {train.num_tokens:,} training and {validation.num_tokens:,} validation tokens "
         f"in blocks of {seq_len}; vocabulary {len(tokenizer)}"
     )
-    return PreparedData(tokenizer, train, validation, description, tokenizer_seconds)
+    fingerprint = {
+        "data": {
+            "source": os.path.abspath(os.path.expanduser(source)) if os.path.exists(source) else source,
+            **load_kwargs, "validation_every": validation_every, "seq_len": seq_len, "shuffle_seed": seed,
+            "train_documents_sha256": documents_sha256(corpus.train),
+            "validation_documents_sha256": documents_sha256(corpus.validation),
+        },
+        "tokenizer": {"name": tokenizer_name or None, "bpe_vocab_size": None if tokenizer_name else vocab_size},
+    }
+    return PreparedData(tokenizer, train, validation, description, tokenizer_seconds, fingerprint)
 
 
 def build_model(
