@@ -1,0 +1,176 @@
+"""`bitnet-a48 serve MODEL_DIR`: an OpenAI-compatible server (FastAPI + uvicorn) with continuous batching.
+
+    bitnet-a48 serve runs/a48/final --host 127.0.0.1 --port 8000
+    python -m bitnet_a48.serve runs/a48/final            # the same
+
+The model folder must be a ``bitnet_a48`` folder written by ``save_pretrained`` (``config.json`` and safetensors
+weights: ``BitNetA48ForCausalLM.from_pretrained`` never unpickles) with its tokenizer. The HTTP API is
+``serving_app.py``, the batching ``serving_engine.py``. This module keeps its top-level imports light (argparse,
+typing), so that building the command line's parsers imports neither torch nor FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+DTYPE_CHOICES = ("auto", "bf16", "fp32")
+LM_HEAD_CHOICES = ("saved", "int8")
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a saved model over an OpenAI-compatible HTTP API (continuous batching)",
+        description="Serve a bitnet_a48 model folder (safetensors only) with FastAPI + uvicorn: "
+        "/v1/models, /v1/completions and /v1/chat/completions, streaming included. "
+        "Concurrent requests are decoded together; a full queue answers 429.",
+    )
+    p.add_argument("model", help="model folder written by save_pretrained, with its tokenizer")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--served-model-name", default=None, help="the name clients pass as `model` (default: the folder's name)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="sequences waiting for a batch slot; beyond, requests get 429 at once (default 64)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype of the embeddings, norms, head and activations (default: as saved)",
+    )
+    p.add_argument(
+        "--lm-head",
+        choices=LM_HEAD_CHOICES,
+        default="saved",
+        help="saved: the high-precision head (default); int8: model.quantize_lm_head('int8'), faster "
+        "on CPUs, slightly different logits",
+    )
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file to use instead of the tokenizer's")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="uvicorn's log level (default warning)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def load_for_serving(
+    model_dir: str, dtype: str = "auto", lm_head: str = "saved", chat_template: str | None = None
+) -> tuple[Any, Any]:
+    """The model (eval mode) and tokenizer of ``model_dir``; a folder of another model type or without safetensors
+    weights is refused with a one-line error."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import register_auto_classes
+    from .modeling_bitnet_a48 import BitNetA48ForCausalLM
+
+    register_auto_classes()
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    config_file = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{model_dir}: no config.json, not a folder written by save_pretrained")
+    with open(config_file, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    if model_type != "bitnet_a48":
+        raise ValueError(
+            f"{model_dir}: model_type {model_type!r} is not 'bitnet_a48' (convert it with `bitnet-a48 convert`)"
+        )
+    torch_dtype = {"auto": "auto", "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    model = BitNetA48ForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)  # safetensors only
+    model.eval()
+    if lm_head == "int8":
+        model.quantize_lm_head("int8")
+    elif lm_head != "saved":
+        raise ValueError(f"--lm-head must be one of {LM_HEAD_CHOICES}, got {lm_head!r}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if chat_template is not None:
+        with open(chat_template, encoding="utf-8") as f:
+            tokenizer.chat_template = f.read()
+    return model, tokenizer
+
+
+def create_server(
+    model: Any,
+    tokenizer: Any,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 16,
+    max_queue: int = 64,
+    log_level: str = "warning",
+) -> tuple[Any, Any]:
+    """An engine (started) and a ``uvicorn.Server`` for ``model``; run the server with ``server.run()`` (blocks) and
+    stop the engine with ``engine.stop()`` afterwards."""
+    import uvicorn
+
+    from .serving_app import build_app
+    from .serving_engine import BatchingEngine
+
+    engine = BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+    app = build_app(engine, model_name, context_length=model.config.max_position_embeddings)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    engine.start()
+    return engine, server
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the model and serve it until interrupted (Ctrl-C)."""
+    import torch
+
+    for name in ("max_batch_size", "threads", "port"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be at least 0, got {args.max_queue}")
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        raise FileNotFoundError(f"--chat-template: file not found: {args.chat_template}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_serving(args.model, args.dtype, args.lm_head, args.chat_template)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    engine, server = create_server(
+        model, tokenizer, name, args.host, args.port, args.max_batch_size, args.max_queue, args.log_level
+    )
+    print(
+        f"serving {name} ({args.model}) on http://{args.host}:{args.port}/v1 "
+        f"(batch {args.max_batch_size}, queue {args.max_queue}, {torch.get_num_threads()} threads)",
+        flush=True,
+    )
+    try:
+        server.run()
+    finally:
+        engine.stop()
+    return {"model": name, "host": args.host, "port": args.port}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bitnet_a48.serve MODEL_DIR ...``: the `serve` subcommand on its own."""
+    parser = argparse.ArgumentParser(prog="python -m bitnet_a48.serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        parser.exit(2, f"bitnet-a48 serve: error: {message}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
