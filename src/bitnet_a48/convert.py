@@ -298,11 +298,17 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer and generation files; a tokenizer without a chat template gets the default one."""
+    from .tokenization_bitnet_a48 import CHAT_TEMPLATE_FILE, write_default_chat_template
+
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
             copied.append(name)
+    has_tokenizer = bool({"tokenizer.json", "tokenizer_config.json", "tokenizer.model"} & set(copied))
+    if has_tokenizer and write_default_chat_template(dst):
+        copied.append(CHAT_TEMPLATE_FILE)
     return copied
 
 

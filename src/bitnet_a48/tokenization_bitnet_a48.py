@@ -10,11 +10,25 @@ Special token ids are fixed: ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, matching 
 
 Built from ``tokenizers`` objects on purpose: in transformers 5, ``GPT2TokenizerFast(vocab_file=..., merges_file=...)``
 silently yields an empty vocabulary.
+
+Chat template (:data:`DEFAULT_CHAT_TEMPLATE`, given to every tokenizer this module builds, and to saved or converted
+tokenizers that have none): turns written like the lines of a play script, the role in capitals, each assistant turn
+closed by ``</s>`` (so generation stops at the end of a reply); ``add_generation_prompt`` opens an assistant turn::
+
+    <s>SYSTEM:
+    You are a poet.
+
+    USER:
+    Speak.
+
+    ASSISTANT:
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -23,6 +37,17 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2 in this order
 DEFAULT_VOCAB_SIZE = 4096
 BYTE_ALPHABET_SIZE = 256
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers reads it beside tokenizer_config.json
+# Newlines sit in expressions: transformers renders templates with trim_blocks, which drops a newline after a tag.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ (message['role'] | upper) ~ ':\\n' ~ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:\\n' }}{% endif %}"
+)
 
 
 def train_bpe_tokenizer(
@@ -86,16 +111,39 @@ def wrap_tokenizer(tok: Tokenizer, model_max_length: int = 2048) -> PreTrainedTo
         model_max_length=model_max_length,
         padding_side="left",  # batched generation continues from the right end
         clean_up_tokenization_spaces=False,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
     )
 
 
+def add_default_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give ``tokenizer`` :data:`DEFAULT_CHAT_TEMPLATE` if it has no chat template (in place; returned)."""
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_default_chat_template(folder: str | Path) -> bool:
+    """Write :data:`DEFAULT_CHAT_TEMPLATE` as ``chat_template.jinja`` into a saved tokenizer's ``folder`` unless it
+    has a template already (that file, ``chat_template.json`` or a ``chat_template`` entry of its
+    ``tokenizer_config.json``); returns whether it wrote one. The other tokenizer files are left as they are."""
+    folder = Path(folder)
+    if (folder / CHAT_TEMPLATE_FILE).is_file() or (folder / "chat_template.json").is_file():
+        return False
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file() and json.loads(config_file.read_text(encoding="utf-8")).get("chat_template"):
+        return False
+    (folder / CHAT_TEMPLATE_FILE).write_text(DEFAULT_CHAT_TEMPLATE, encoding="utf-8")
+    return True
+
+
 def load_tokenizer(name_or_path: str, **kwargs: object) -> PreTrainedTokenizerBase:
-    """Any existing tokenizer (a folder or a Hub name) via ``AutoTokenizer``, given a pad token if it has none."""
+    """Any existing tokenizer (a folder or a Hub name) via ``AutoTokenizer``, given a pad token and
+    :data:`DEFAULT_CHAT_TEMPLATE` if it has none."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     check_tokenizer(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return add_default_chat_template(tokenizer)
 
 
 def check_tokenizer(
