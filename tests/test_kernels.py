@@ -267,15 +267,18 @@ def test_set_quant_mode_switches_like_bitlinear() -> None:
         packed.set_quant_mode("a4.8", topk_ratio=1.5)
 
 
-def test_not_a_linear_and_deterministic_construction() -> None:
+def test_linear_without_dense_weight_and_deterministic_construction() -> None:
     layer = PackedBitLinear(16, 10, role="down")
-    assert not isinstance(layer, nn.Linear)
-    assert getattr(layer, "reset_parameters", None) is None
+    assert isinstance(layer, nn.Linear) and layer.bias is None  # for PEFT's dispatch (peft_bitnet_a48.py)
+    assert list(layer.parameters()) == []  # no dense weight: nn.Linear.__init__ is not run
     assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (3, 16)
     assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == (1,)
     assert torch.equal(unpack_ternary(layer.weight, 10), torch.zeros(10, 16, dtype=torch.int8))
     assert torch.equal(layer(torch.randn(3, 16)), torch.zeros(3, 10))
     assert set(layer.state_dict()) == {"weight", "weight_scale"}
+    packed = PackedBitLinear.from_bitlinear(_latent("down", "a8", k=16, n=10))
+    packed.reset_parameters()  # back to the constructor's values, not nn.Linear's random draw
+    assert torch.equal(packed.weight, layer.weight) and torch.equal(packed.weight_scale, layer.weight_scale)
 
 
 def test_state_dict_round_trip_refreshes_the_int8_cache() -> None:

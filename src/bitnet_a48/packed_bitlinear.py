@@ -35,9 +35,12 @@ Implementations (``impl``, chosen explicitly; an exception is never swallowed to
 Layers that share an input (q/k/v, gate/up) are best run through :func:`project_shared_input`: one native call, one
 activation quantisation for the group.
 
-The class is deliberately not an ``nn.Linear`` subclass: transformers' ``_init_weights`` draws normal weights
-into every ``nn.Linear`` it initialises. The constructor fills the weights with zeros (packed code 1) and α = 1;
-real values come from :meth:`PackedBitLinear.from_bitlinear` or ``load_state_dict``.
+The class is an ``nn.Linear`` without nn.Linear's dense parameter: ``nn.Linear.__init__`` is not run, ``weight`` is
+the uint8 buffer above and ``bias`` is None. Being an ``nn.Linear`` is what lets PEFT's default dispatch wrap it
+from a plain ``LoraConfig`` (``peft_bitnet_a48.py`` says why and what PEFT does with ``weight``). The constructor fills
+the weights with zeros (packed code 1) and α = 1 and marks the module initialised, so transformers' ``_init_weights``
+(which draws normal weights into every ``nn.Linear``) leaves it alone; ``reset_parameters`` restores those values.
+Real values come from :meth:`PackedBitLinear.from_bitlinear` or ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ class Fp32ScaleMixin:
         return self
 
 
-class PackedBitLinear(InputQuantizerMixin, Fp32ScaleMixin, nn.Module):
+class PackedBitLinear(InputQuantizerMixin, Fp32ScaleMixin, nn.Linear):
     """Ternary linear layer for inference: 2-bit packed weights, quantised inputs, integer matmul.
 
     Args:
@@ -223,7 +226,7 @@ class PackedBitLinear(InputQuantizerMixin, Fp32ScaleMixin, nn.Module):
         impl: str = "auto",
         cpu_layout: str = "packed",
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate the dense weight this layer replaces
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
         if role not in ROLES:
@@ -236,6 +239,7 @@ class PackedBitLinear(InputQuantizerMixin, Fp32ScaleMixin, nn.Module):
             torch.full((packed_rows(out_features), in_features), PACKED_ZERO_BYTE, dtype=torch.uint8, device=device),
         )
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_parameter("bias", None)
         self.register_buffer("weight_int8", None, persistent=False)
         self._int8_source: tuple[int, int] | None = None  # (data_ptr, version) of the weight the cache came from
         # Checkpoints may store the scale 0-dim (transformers writes shape [1]): accept both.
@@ -243,6 +247,15 @@ class PackedBitLinear(InputQuantizerMixin, Fp32ScaleMixin, nn.Module):
         self.set_impl(impl)
         self.set_cpu_layout(cpu_layout)
         self.set_quant_mode(quant_mode, topk_ratio=topk_ratio, act4_format=act4_format)
+        # transformers' _initialize_weights skips modules carrying this flag (its _init_weights would draw normal
+        # values into the uint8 codes of an nn.Linear); the values above are this layer's initialisation.
+        self._is_hf_initialized = True
+
+    def reset_parameters(self) -> None:
+        """Back to the constructor's values: all codes 0 (packed byte ``PACKED_ZERO_BYTE``) and α = 1."""
+        with torch.no_grad():
+            self.weight.fill_(PACKED_ZERO_BYTE)
+            self.weight_scale.fill_(1.0)
 
     # -- configuration -------------------------------------------------------------------------------------
 
