@@ -1,37 +1,71 @@
 """LoRA on BitNet a4.8 models with PEFT: on the latent model, and QLoRA-style on the packed (2-bit) model.
 
-Latent model: ``BitLinear`` subclasses ``nn.Linear``, so PEFT's ``target_modules="all-linear"`` wraps every projection
-as an ordinary ``lora.Linear`` (lm_head is skipped by PEFT). The base forward quantises on the fly with the STE, so
-``y = Q_act(x)·Q_w(W)ᵀ + s·B·A·x`` trains the adapters through the quantisers. Merging adds ``s·B·A`` to the latent
-weights; the merged model re-quantises them in its forward, so it is close to, not equal to, the adapted model.
-PEFT merges by writing ``weight.data``, which a ``BitLinear``'s kept eval copy of ``Q_w(W)`` cannot notice
-(``bitlinear.py``), so :func:`lora_config` maps ``BitLinear`` to :class:`BitLoraLinear`, whose merge and unmerge drop
-that copy. (A plain ``LoraConfig`` gives PEFT's own layer: call ``model.eval()`` again after merging.)
+Both work with PEFT's own API and a plain ``LoraConfig``: ``get_peft_model(model, LoraConfig(target_modules=[...]))``
+(names such as ``"q_proj"`` or ``"all-linear"``), ``save_pretrained``, ``PeftModel.from_pretrained(model, folder)``
+(whose config is read back from ``adapter_config.json``), several adapters, ``lora_dropout``, ``use_rslora``. The
+helpers at the end of this file are thin: they add this package's LoRA layers, whose refusals are one clear line.
 
-Packed model: ``PackedBitLinear`` is not an ``nn.Linear`` (its weights are uint8 codes), so PEFT needs
-:func:`packed_lora_target_modules` and the custom-module registration ``{PackedBitLinear: PackedLoraLinear}``.
-The packed forward is integer arithmetic; ``packed_bitlinear.PackedLinearFunction`` gives the frozen base its
-input gradient (the layer uses it whenever its input requires a gradient)::
+Latent model: ``BitLinear`` subclasses ``nn.Linear``, so PEFT wraps every projection as an ordinary ``lora.Linear``
+(``"all-linear"`` skips lm_head). The base forward quantises on the fly with the STE, so ``y = Q_act(x)·Q_w(W)ᵀ +
+s·B·A·x`` trains the adapters through the quantisers. Merging adds ``s·B·A`` to the latent weights; the merged model
+re-quantises them in its forward, so it is close to, not equal to, the adapted model. PEFT merges by writing
+``weight.data``, which a ``BitLinear``'s kept eval copy of ``Q_w(W)`` cannot notice (``bitlinear.py``), so
+:func:`lora_config` maps ``BitLinear`` to :class:`BitLoraLinear`, whose merge and unmerge drop that copy. (With a
+plain ``LoraConfig`` PEFT's own layer merges: call ``model.eval()`` again after merging.)
 
-    forward:   y  = base(x)                           the packed integer forward, unchanged
-    backward:  dX = dY · (codes · α)                  STE through the input quantiser; no weight gradient
+Packed model: ``PackedBitLinear`` is an ``nn.Linear`` whose ``weight`` is not a dense parameter but the uint8 buffer
+of 2-bit codes ``[ceil(out/4), in]`` (``packed_bitlinear.py``), so PEFT's default dispatch wraps it in its own
+``lora.Linear`` and the frozen packed forward runs as the base layer::
 
-``codes · α`` is unpacked a chunk of packed rows at a time (``packed_bitlinear.UNPACK_CHUNK_BYTES``), so the
-backward never holds a dense copy of the whole weight. Merging into a packed base is refused (the 2-bit codes cannot
-absorb a rank-r update); load the latent base, apply the adapter, merge, then ``pack()``.
+    forward:   y  = packed(x) + s · B(A(dropout(x)))      the packed integer forward, unchanged
+    backward:  dX = dY · (codes · α) + s · dY·B·A         STE through the input quantiser; no weight gradient
+
+``packed_bitlinear.PackedLinearFunction`` gives the frozen base its input gradient (the layer uses it whenever its
+input requires a gradient); ``codes · α`` is unpacked a chunk of packed rows at a time
+(``packed_bitlinear.UNPACK_CHUNK_BYTES``), so the backward never holds a dense copy of the whole weight. The native
+CPU kernels run the base's forward; the fused calls over several projections (``packed_bitlinear.fused_projection``)
+take bare packed layers only, so they step aside where LoRA wraps one and come back after ``unload()``.
+
+What PEFT (0.19 to 0.21) does with ``base_layer.weight``, and why the packed layer can be an ``nn.Linear`` honestly:
+
+- sizes: ``in_features`` / ``out_features``, which the layer has;
+- device and dtype of new adapters: the device follows; uint8 is not a float dtype, so the adapters keep their
+  own dtype (fp32 by default, as QLoRA's), and the output is cast back to the input's dtype;
+- merging writes ``base_layer.weight.data += ΔW``: ΔW is a float ``[out, in]`` and the codes are uint8
+  ``[ceil(out/4), in]``, so torch refuses (a size mismatch) before anything is written. The 2-bit codes cannot
+  absorb a rank-r update; the fix is to load the latent checkpoint, apply the adapter there, merge, then ``pack()``.
+  PEFT's own layer cannot say so in its words; :class:`PackedLoraLinear` (what :func:`lora_config` registers) and
+  :func:`merge_lora` refuse in one line that names the fix;
+- DoRA reads the dense weight's norm (the same size mismatch at creation; :class:`PackedLoraLinear` refuses in one
+  line); PiSSA and OLoRA initialisation refuse uint8 weights with PEFT's own message.
+
+Why not only the custom-layer mapping (``LoraConfig._register_custom_module``, PEFT's experimental extension point for
+layers it does not know, which :func:`lora_config` still uses for the clearer refusals): it lives on the config
+object, ``save_pretrained`` does not write it to ``adapter_config.json``, and neither ``get_peft_model`` nor
+``PeftModel.from_pretrained`` asks the model for layer classes (the dispatchers they try are keyed on PEFT's own and
+third-party layer classes, then ``nn.Linear``). A user's plain ``LoraConfig``, and every config read back from a
+folder, therefore reaches PEFT's default dispatch, which accepts ``nn.Linear``. Both layers keep the same state-dict
+keys, so adapters trained through one load through the other.
+
+transformers' own PEFT integration (``model.add_adapter`` / ``model.load_adapter``) goes through the same dispatch,
+where transformers accepts the installed PEFT release (transformers 5.24 asks for peft >= 0.22).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from .bitlinear import BitLinear
 from .packed_bitlinear import PackedBitLinear
+
+PACKED_MERGE_ERROR = (
+    "cannot merge LoRA into a packed BitNet model (its weights are 2-bit ternary codes): load the latent checkpoint, "
+    "apply the adapter there, merge_and_unload(), then pack()"
+)
 
 
 class BitLoraLinear(LoraLinear):
@@ -47,84 +81,58 @@ class BitLoraLinear(LoraLinear):
 
 
 class PackedLoraLinear(LoraLinear):
-    """PEFT LoRA layer over a frozen ``PackedBitLinear``: ``y = packed(x) + scaling · B(A(dropout(x)))``.
+    """PEFT's LoRA layer over a frozen ``PackedBitLinear`` (forward, dropout, rsLoRA, adapters: PEFT's own), with
+    one-line refusals where PEFT's layer stops at a size mismatch: merging, and variants that need the dense weight."""
 
-    Plain LoRA only (no DoRA or other variants, no ``lora_bias``); merging is refused.
-    """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> None:
-        if config.use_dora or getattr(config, "lora_bias", False):
-            raise ValueError("LoRA on a packed BitNet layer supports plain LoRA only (no DoRA, no lora_bias)")
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
-
-    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        # PEFT reads the sizes of nn.Linear-like layers only and warns "Unsupported layer type" for any other.
-        return module.in_features, module.out_features
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        if kwargs.pop("adapter_names", None) is not None:
-            raise ValueError("mixed-adapter batches are not supported on packed BitNet layers")
-        base = self.get_base_layer()
-        result = base(x)  # PackedBitLinear carries its own input gradient
-        if self.disable_adapters:
-            return result
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            h = self._cast_input_dtype(x, lora_a.weight.dtype)
-            result = result + (lora_b(lora_a(self.lora_dropout[name](h))) * self.scaling[name]).to(result.dtype)
-        return result
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> Any:
+        variant = super().resolve_lora_variant(config=config, **kwargs)
+        if variant is not None:
+            raise ValueError(
+                f"LoRA on a packed BitNet layer is plain LoRA only ({type(variant).__name__} needs the dense weight); "
+                "train it on the latent model"
+            )
+        return None
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise ValueError(
-            "cannot merge LoRA into a packed BitNet base: its weights are 2-bit ternary codes. Load the latent "
-            "checkpoint, apply the adapter there, merge (the latent weights are re-quantised), then pack()."
-        )
+        raise ValueError(PACKED_MERGE_ERROR)
 
     def unmerge(self) -> None:
-        raise ValueError("a packed BitNet base is never merged")
-
-
-def packed_lora_target_modules(model: nn.Module) -> list[str]:
-    """Qualified names of every ``PackedBitLinear`` (PEFT's ``"all-linear"`` matches only ``nn.Linear``)."""
-    return [name for name, module in model.named_modules() if isinstance(module, PackedBitLinear)]
+        raise ValueError("a packed BitNet layer is never merged, so there is nothing to unmerge")
 
 
 def is_packed(model: nn.Module) -> bool:
+    """Whether ``model`` (or the base model under a ``PeftModel``) holds packed layers."""
     return any(isinstance(module, PackedBitLinear) for module in model.modules())
 
 
 def _register_layers(config: LoraConfig, model: nn.Module) -> LoraConfig:
-    """This package's LoRA layers (a saved adapter config cannot hold them, so loading registers them again)."""
+    """This package's LoRA layers on ``config`` (a saved adapter config cannot hold them, so loading registers them
+    again)."""
     layers = {PackedBitLinear: PackedLoraLinear} if is_packed(model) else {BitLinear: BitLoraLinear}
     config._register_custom_module(layers)
     return config
 
 
 def lora_config(model: nn.Module, **kwargs: Any) -> LoraConfig:
-    """A ``LoraConfig`` for a latent (``"all-linear"``) or packed (explicit names) BitNet model, with our layers."""
+    """A ``LoraConfig`` (``task_type="CAUSAL_LM"``, ``target_modules="all-linear"`` unless given) with our layers."""
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    kwargs.setdefault("target_modules", packed_lora_target_modules(model) if is_packed(model) else "all-linear")
+    kwargs.setdefault("target_modules", "all-linear")
     return _register_layers(LoraConfig(**kwargs), model)
 
 
 def add_lora(model: nn.Module, **kwargs: Any) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters (``r``, ``lora_alpha``, ``lora_dropout`` … as ``LoraConfig``)."""
+    """``get_peft_model`` with :func:`lora_config` (``r``, ``lora_alpha``, ``lora_dropout`` … as ``LoraConfig``)."""
     return get_peft_model(model, lora_config(model, **kwargs))
 
 
 def load_lora(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> PeftModel:
-    """Load saved adapters onto ``model`` with this package's LoRA layers."""
+    """``PeftModel.from_pretrained`` with this package's LoRA layers registered on the saved config."""
     config = _register_layers(LoraConfig.from_pretrained(adapter_dir), model)
     return PeftModel.from_pretrained(model, adapter_dir, config=config, is_trainable=is_trainable)
 
 
 def merge_lora(peft_model: PeftModel) -> nn.Module:
-    """Merge the adapters into the latent weights and unload PEFT; refused on a packed base."""
+    """``merge_and_unload`` on a latent base; on a packed base a one-line refusal that names the fix."""
     if is_packed(peft_model.get_base_model()):
-        raise ValueError(
-            "cannot merge LoRA into a packed BitNet base; merge on the latent checkpoint, then pack() the result"
-        )
+        raise ValueError(PACKED_MERGE_ERROR)
     return peft_model.merge_and_unload()
