@@ -253,6 +253,7 @@ class BatchingEngine:
         self.steps = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._admitting = 0  # sequences taken from the queue, not yet in the batch
         self._thread: threading.Thread | None = None
 
     # -- the request side (any thread) --------------------------------------------------------------------------
@@ -262,7 +263,8 @@ class BatchingEngine:
         with self._cond:
             if self._stopping:
                 raise QueueFullError("the server is shutting down")
-            free_slots = max(0, self.max_batch_size - len(self.active))  # taken at the next step, not queued
+            # slots neither running nor being prefilled are taken at the next step: they do not count as queued
+            free_slots = max(0, self.max_batch_size - len(self.active) - self._admitting)
             if len(self.waiting) + len(sequences) > self.max_queue + free_slots:
                 raise QueueFullError(
                     f"the server is at capacity ({len(self.active)} running, {len(self.waiting)} waiting, "
@@ -279,9 +281,11 @@ class BatchingEngine:
             self._cond.notify()
 
     def stats(self) -> dict[str, int]:
+        """Rows in the batch (a cancelled row counts until the step that drops it), waiting sequences, decode steps
+        and head rows recomputed alone."""
         with self._cond:
             return {
-                "running": sum(not s.cancelled for s in self.active),
+                "running": len(self.active),
                 "waiting": len(self.waiting),
                 "steps": self.steps,
                 "recomputed_head_rows": self.head.recomputed,
@@ -310,11 +314,14 @@ class BatchingEngine:
                 new = []
                 while self.waiting and len(self.active) + len(new) < self.max_batch_size:
                     new.append(self.waiting.popleft())
+                self._admitting = len(new)
             try:
                 with torch.no_grad():
                     for seq in new:
                         if not seq.cancelled:
                             self._prefill(seq)
+                        with self._cond:
+                            self._admitting -= 1
                     self._drop_finished()
                     if self.active:
                         self._decode_step()
@@ -324,7 +331,7 @@ class BatchingEngine:
                 traceback.print_exc()
                 with self._cond:
                     failed = list({id(s): s for s in self.active + new}.values())
-                    self.active, self.cache = [], None
+                    self.active, self.cache, self._admitting = [], None, 0
                 for seq in failed:
                     if not seq.cancelled:
                         seq.emit(("error", seq.index, message))
