@@ -33,7 +33,12 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from .kernels_cpu_native import kv_decode_attention_native, kv_quantize_pack_native, native_available
+from .kernels_cpu_native import (
+    kv_append_decode_native,
+    kv_decode_attention_native,
+    kv_quantize_pack_native,
+    native_available,
+)
 from .kernels_kv_cache import (
     SUPPORTED_BITS,
     check_bits,
@@ -296,6 +301,12 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
             self._write_quantized(key_states, value_states, self.cumulative_length)
             self.cumulative_length.add_(q)
             return
+        if self._native_append(key_states, value_states, position_ids):
+            self._reserve(self.n_quant + 1)
+            kv_append_decode_native(self, key_states, value_states, position_ids)
+            self.n_quant += 1
+            self.cumulative_length += 1
+            return
         self._note_first_tokens(position_ids, self.cumulative_length, q)
         k = torch.cat([self.k_window, key_states.to(self.dtype)], dim=2)
         v = torch.cat([self.v_window, value_states.to(self.dtype)], dim=2)
@@ -306,6 +317,36 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
             k, v = k[:, :, evict:], v[:, :, evict:]
         self.k_window, self.v_window = k.contiguous(), v.contiguous()
         self.cumulative_length += q
+
+    def _native_append(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> bool:
+        """Whether ``append`` stores the token with the native decode op (``kv_append_decode_native``, equal bit for
+        bit): one token per row into a full (contiguous) window of the dynamic layout on the CPU, in the window's
+        dtype, fp16 scales, positions (if any) a (1 or B, 1) int64 CPU tensor. Else the torch code below runs (and
+        checks)."""
+        return (
+            self.native
+            and key_states.shape[2] == 1
+            and self.k_window.shape[2] == self.window
+            and self.k_window.is_contiguous()
+            and self.v_window.is_contiguous()
+            and key_states.device.type == "cpu"
+            and key_states.dtype == self.dtype
+            and value_states.dtype == self.dtype
+            and self.scale_dtype == torch.float16
+            and (
+                position_ids is None
+                or (
+                    position_ids.device.type == "cpu"
+                    and position_ids.dtype == torch.long
+                    and position_ids.dim() == 2
+                    and position_ids.shape[1] == 1
+                    and position_ids.shape[0] in (1, self.batch_size)
+                )
+            )
+            and native_available()
+        )
 
     # ------------------------------------------------------------------------------------------------ reading
 

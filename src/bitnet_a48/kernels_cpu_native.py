@@ -71,6 +71,9 @@ CACHE_ENV = "BITNET_A48_CACHE_DIR"
 
 # One translation unit: the ternary and int8 kernels, then the KV-cache kernels (which use the first part's helpers).
 SOURCE = CPP_SOURCE + KV_CPP_SOURCE
+# No -march (ISA paths carry their own target attributes) and no implicit FMA contraction: the ops that equal torch
+# bit for bit round every product and sum as torch does.
+CXX_FLAGS = ("-shared", "-fPIC", "-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off")
 
 _STATE: dict[str, object] = {}
 
@@ -85,7 +88,7 @@ def _compiler() -> str | None:
 
 
 def _library_name() -> str:
-    key = hashlib.sha256(f"{SOURCE}\0{torch.__version__}\0{sys.platform}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{SOURCE}\0{CXX_FLAGS}\0{torch.__version__}\0{sys.platform}".encode()).hexdigest()[:16]
     return f"bitnet_a48_native_{key}.so"
 
 
@@ -106,7 +109,7 @@ def _build(compiler: str, target: Path) -> float:
         output = Path(tmp) / target.name
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         command = [
-            compiler, str(source), "-o", str(output), "-shared", "-fPIC", "-O3", "-std=c++17", "-fopenmp",
+            compiler, str(source), "-o", str(output), *CXX_FLAGS,
             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_API_INCLUDE_EXTENSION_H=0",
             *[f"-I{p}" for p in cpp_extension.include_paths()],
             *[f"-L{p}" for p in cpp_extension.library_paths()],
@@ -149,6 +152,16 @@ def _register_fakes() -> None:
     def _(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         packed = x.new_empty((*x.shape[:-1], x.shape[-1] * bits // 8), dtype=torch.uint8)
         return packed, x.new_empty(x.shape[:-1], dtype=torch.float16)
+
+    @torch.library.register_fake("bitnet_a48_native::rope")
+    def _(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
+            k, memory_format=torch.contiguous_format
+        )
+
+    @torch.library.register_fake("bitnet_a48_native::kv_append_decode")
+    def _(*args: object) -> None:
+        return None
 
     @torch.library.register_fake("bitnet_a48_native::int8_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -318,3 +331,29 @@ def kv_decode_attention_native(
 def kv_quantize_pack_native(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``kernels_kv_cache.quantize_pack_torch(x, bits, torch.float16)`` in one call, equal bit for bit."""
     return torch.ops.bitnet_a48_native.kv_quantize_pack(x, bits)
+
+
+def rope_native(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``modeling_bitnet_a48.apply_rotary_pos_emb(q, k, cos, sin)`` in one call, equal bit for bit: q, k (B, H, S, D),
+    cos, sin (B|1, S, D), all of one dtype; every product and the sum rounded to that dtype as torch does."""
+    return torch.ops.bitnet_a48_native.rope(q, k, cos, sin)
+
+
+def kv_append_decode_native(
+    layer: object, key_states: torch.Tensor, value_states: torch.Tensor, position_ids: torch.Tensor | None
+) -> None:
+    """``BitNetA48QuantizedLayer.append`` of one new token per row into a full window (dynamic layout), in place,
+    equal bit for bit: the token leaving the window goes to store slot ``n_quant`` (which must exist), and a row's
+    first token is noted and kept at ``sink_bits``. The caller advances ``n_quant`` and the length."""
+    sink = layer.sink_bits is not None  # type: ignore[attr-defined]
+    torch.ops.bitnet_a48_native.kv_append_decode(
+        layer.k_window, layer.v_window, key_states.contiguous(), value_states.contiguous(),  # type: ignore[attr-defined]
+        layer.k_packed, layer.k_scale, layer.v_packed, layer.v_scale,  # type: ignore[attr-defined]
+        layer.n_quant, layer.bits,  # type: ignore[attr-defined]
+        layer.k_sink if sink else None, layer.k_sink_scale if sink else None,  # type: ignore[attr-defined]
+        layer.v_sink if sink else None, layer.v_sink_scale if sink else None,  # type: ignore[attr-defined]
+        layer.sink_pos if sink else None, layer.sink_bits or 0,  # type: ignore[attr-defined]
+        position_ids, layer.cumulative_length,  # type: ignore[attr-defined]
+    )  # fmt: skip

@@ -32,7 +32,8 @@ from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIE
 from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
 from .checkpoint_files import validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
-from .packed_bitlinear import fused_projection, has_forward_hooks, project_shared_input
+from .kernels_cpu_native import rope_native
+from .packed_bitlinear import NATIVE_DTYPES, PackedBitLinear, fused_projection, has_forward_hooks, project_shared_input
 from .projections import INTERMEDIATE, QUERY, Projection, dimension, is_projection, projections_of
 from .projections import PROJECTION_ROLES as PROJECTION_ROLES  # the table's name -> role, kept importable here
 
@@ -40,11 +41,10 @@ from .projections import PROJECTION_ROLES as PROJECTION_ROLES  # the table's nam
 def make_projection(config: BitNetA48Config, spec: Projection) -> nn.Module:
     """The projection of table row ``spec`` for ``config.weight_format``: a latent ``BitLinear`` or a packed layer."""
     in_features, out_features = spec.in_features(config), spec.out_features(config)
-    kwargs = dict(role=spec.role, quant_mode=config.quant_mode, topk_ratio=config.topk_ratio,
-                  act4_format=config.act4_format)
+    kwargs = dict(
+        role=spec.role, quant_mode=config.quant_mode, topk_ratio=config.topk_ratio, act4_format=config.act4_format
+    )
     if config.weight_format == "packed":
-        from .packed_bitlinear import PackedBitLinear
-
         return PackedBitLinear(in_features, out_features, **kwargs)
     return BitLinear(in_features, out_features, bias=False, **kwargs)
 
@@ -210,11 +210,19 @@ class BitNetA48Attention(nn.Module):
         value_states = value.view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if self._native_rope(query_states, key_states, cos, sin):
+            query_states, key_states = rope_native(query_states, key_states, cos, sin)  # one call, equal bit for bit
+        else:
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         if isinstance(cache, BitNetA48QuantizedCache):
             # Packed low-bit KV (paper section 2.4): blockwise attention over the packed past, no dequantised copy
             attn_output = cache.attend(
-                query_states, key_states, value_states, self.layer_idx, attention_mask, self.scaling,
+                query_states,
+                key_states,
+                value_states,
+                self.layer_idx,
+                attention_mask,
+                self.scaling,
                 position_ids=kwargs.get("position_ids"),
             )  # (B, T, H, D)
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
@@ -237,6 +245,22 @@ class BitNetA48Attention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self._output_projection(attn_output), attn_weights
+
+    def _native_rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Whether RoPE runs as one native call: packed CPU models on the native path (``q_proj.backend``), no
+        gradient asked for, q, k and the tables of one native dtype in the shapes ``apply_rotary_pos_emb`` takes."""
+        return (
+            q.device.type == "cpu"
+            and q.dtype in NATIVE_DTYPES
+            and q.dtype == k.dtype == cos.dtype == sin.dtype
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad))
+            and cos.dim() == 3
+            and cos.shape == sin.shape
+            and cos.shape[0] in (1, q.shape[0])
+            and cos.shape[1:] == q.shape[2:]
+            and type(self.q_proj) is PackedBitLinear
+            and self.q_proj.backend(q) == "native"
+        )
 
     def project_qkv(self, x: torch.Tensor, input_norm: nn.Module) -> list[torch.Tensor] | None:
         """q, k, v of ``input_norm(x)`` in one native call, or None where it does not apply (hooks on this module,
@@ -647,8 +671,6 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
         The packed model is for inference: it keeps the current `quant_mode` ("a4.8" or "a8") and `save_pretrained`
         writes the packed tensors, which `from_pretrained` loads back into packed modules (`weight_format="packed"`).
         """
-        from .packed_bitlinear import PackedBitLinear
-
         if self.config.weight_format == "packed":
             raise ValueError("the model is already packed (config.weight_format == 'packed')")
         if self.config.quant_mode == "none":
@@ -661,8 +683,4 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
 
     def projections(self) -> dict[str, nn.Module]:
         """Every quantised projection by its qualified name (q/k/v/o/gate/up/down of every layer)."""
-        return {
-            name: module
-            for name, module in self.named_modules()
-            if is_projection(name)
-        }
+        return {name: module for name, module in self.named_modules() if is_projection(name)}
