@@ -11,6 +11,7 @@ optional package) ends as one ``error:`` line on stderr, exit status 2.
     accelerate launch --num_processes 2 -m bitnet_a48.cli train --recipe a4.8 ...
     bitnet-a48 generate runs/a48/final --prompt "ROMEO:"
     bitnet-a48 convert bitnet-b1.58-2B-4T-bf16 b158-latent --dtype fp32
+    bitnet-a48 serve runs/a48/final --port 8000        # OpenAI-compatible API
 """
 
 from __future__ import annotations
@@ -613,6 +614,17 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# serve: the OpenAI-compatible server of serve.py (its parser and command live there)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    from .serve import add_serve_parser as add_parser  # argparse only at its top: --help stays light
+
+    add_parser(sub)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Registration: one entry per subcommand
 # ---------------------------------------------------------------------------------------------------------
 
@@ -625,6 +637,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_pack_parser,
     add_eval_parser,
     add_bench_parser,
+    add_serve_parser,
 ]
 
 
