@@ -192,7 +192,7 @@ class CertifiedHead:
     def __call__(self, hidden: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
         """``hidden`` (B, 1, D) -> logits (B, V) in fp32."""
         logits = self.head(hidden)[:, -1].float()
-        if self.row_exact or not any(greedy):
+        if self.row_exact or hidden.shape[0] == 1 or not any(greedy):  # one row: the very call generate() makes
             return logits
         top = logits.topk(2, dim=-1).values  # (B, 2)
         gap = (top[:, 0] - top[:, 1]).double()
@@ -243,8 +243,7 @@ class BatchingEngine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.head = CertifiedHead(model.lm_head)
-        eos = model.generation_config.eos_token_id
-        eos = model.config.eos_token_id if eos is None else eos
+        eos = model.generation_config.eos_token_id  # what generate() stops at
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self.device = next(model.parameters()).device
         self.waiting: collections.deque[Sequence] = collections.deque()
