@@ -246,6 +246,29 @@ def test_multiple_adapters_on_packed_model(tiny_config_kwargs: dict, tmp_path: P
     assert torch.allclose(mixed[2], base_logits[2], atol=1e-5)
 
 
+def test_packed_lora_gradients_under_activation_checkpointing(tiny_config_kwargs: dict) -> None:
+    # PEFT asks the model for input gradients when checkpointing is on; the recomputed packed forward passes them on.
+    state = _base_state(_model(tiny_config_kwargs, packed=True))
+    grads = []
+    for checkpointing in (False, True):
+        model = _model(tiny_config_kwargs, packed=True)
+        model.load_state_dict(state)
+        if checkpointing:
+            # transformers 5.24 renamed gradient_checkpointing_enable (and warns on the old name); 5.17 has the old.
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) == checkpointing
+        peft_model = get_peft_model(model, _plain_config())
+        _set_adapters(peft_model)
+        peft_model.train()
+        ids = _batch()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * N_PROJECTIONS
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-4, atol=1e-6), name
+
+
 def test_native_fused_calls_step_aside_for_lora_and_return_after_unload(
     tiny_config_kwargs: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,7 +26,8 @@ input requires a gradient); ``codes · α`` is unpacked a chunk of packed rows a
 CPU kernels run the base's forward; the fused calls over several projections (``packed_bitlinear.fused_projection``)
 take bare packed layers only, so they step aside where LoRA wraps one and come back after ``unload()``.
 
-What PEFT (0.19 to 0.21) does with ``base_layer.weight``, and why the packed layer can be an ``nn.Linear`` honestly:
+What PEFT does with ``base_layer.weight`` (read and tested on 0.19.0 and 0.21.2), and why the packed layer can be an
+``nn.Linear`` honestly:
 
 - sizes: ``in_features`` / ``out_features``, which the layer has;
 - device and dtype of new adapters: the device follows; uint8 is not a float dtype, so the adapters keep their
@@ -45,7 +46,9 @@ object, ``save_pretrained`` does not write it to ``adapter_config.json``, and ne
 ``PeftModel.from_pretrained`` asks the model for layer classes (the dispatchers they try are keyed on PEFT's own and
 third-party layer classes, then ``nn.Linear``). A user's plain ``LoraConfig``, and every config read back from a
 folder, therefore reaches PEFT's default dispatch, which accepts ``nn.Linear``. Both layers keep the same state-dict
-keys, so adapters trained through one load through the other.
+keys, so adapters trained through one load through the other. Not chosen either: a tensor subclass for the codes
+(torchao's way), whose in-place add could refuse in our words inside PEFT's merge, since loading replaces buffers
+with plain tensors and every reader of ``weight`` would see the subclass.
 
 transformers' own PEFT integration (``model.add_adapter`` / ``model.load_adapter``) goes through the same dispatch,
 where transformers accepts the installed PEFT release (transformers 5.24 asks for peft >= 0.22).
