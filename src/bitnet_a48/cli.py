@@ -101,7 +101,7 @@ def _prepare(args: argparse.Namespace, preset: dict[str, Any], resume: str | Non
         vocab_size=args.vocab_size or preset["vocab_size"],
         seed=args.seed,
         validation_every=args.validation_every,
-        trained_tokenizer_from=resume,  # the checkpoint's BPE, not one trained again
+        tokenizer_from=resume,  # on resume, the checkpoint's tokenizer
         text_field=args.text_field,
         dataset_config=args.dataset_config,
         dataset_split=args.dataset_split,

@@ -545,23 +545,24 @@ def prepare_data(
     vocab_size: int = 4096,
     seed: int = 0,
     validation_every: int = 10,
-    trained_tokenizer_from: str | Path | None = None,
+    tokenizer_from: str | Path | None = None,
     **load_kwargs: Any,
 ) -> PreparedData:
     """Load and split the corpus, train (or load) the tokenizer on the training split, pack both splits.
 
-    ``trained_tokenizer_from``: a folder holding the BPE that this data and `vocab_size` trained before (a
-    checkpoint's, on resume), loaded instead of trained again; ignored when `tokenizer_name` is given.
+    ``tokenizer_from``: a folder holding the tokenizer that `tokenizer_name` / `vocab_size` gave before (a
+    checkpoint's, on resume), loaded instead of loading or training one again; the fingerprint still records
+    `tokenizer_name` and `vocab_size`, so that a resume can compare them with the checkpoint's.
     """
     from .data import load_corpus, pack_documents
     from .tokenization_bitnet_a48 import load_tokenizer, train_bpe_tokenizer
 
     corpus = load_corpus(source, validation_every=validation_every, **load_kwargs)
     start = time.perf_counter()
-    if tokenizer_name:
+    if tokenizer_from is not None:
+        tokenizer = load_tokenizer(str(tokenizer_from))
+    elif tokenizer_name:
         tokenizer = load_tokenizer(tokenizer_name)
-    elif trained_tokenizer_from is not None:
-        tokenizer = load_tokenizer(str(trained_tokenizer_from))
     else:
         tokenizer = train_bpe_tokenizer((d.text for d in corpus.train), vocab_size=vocab_size)
     tokenizer_seconds = time.perf_counter() - start
