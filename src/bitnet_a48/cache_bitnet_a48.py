@@ -117,6 +117,23 @@ class _OnlineSoftmax:
         return out.view(b, self.hkv * self.g, self.q, d).transpose(1, 2).to(dtype)
 
 
+def decode_mask_bias(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+    """The mask of a decode step (one query per row) as the native kernel reads it: fp32 (B|1, kv_len), or None."""
+    bias = _mask_bias(attention_mask, slice(0, kv_len))  # (B|1, 1, 1, kv) or None
+    return None if bias is None else bias.reshape(bias.shape[0], kv_len).contiguous()
+
+
+def _decode_positions(position_ids: torch.Tensor | None, batch_size: int) -> bool:
+    # Positions the native decode append reads: none, or a (1 or B, 1) int64 CPU tensor.
+    return position_ids is None or (
+        position_ids.is_cpu
+        and position_ids.dtype == torch.long
+        and position_ids.dim() == 2
+        and position_ids.shape[1] == 1
+        and position_ids.shape[0] in (1, batch_size)
+    )
+
+
 def _mask_bias(attention_mask: torch.Tensor | None, cols: torch.Tensor | slice) -> torch.Tensor | None:
     """Additive fp32 bias (B|1, 1, q, L) of the mask columns ``cols`` (bool masks: True = attend)."""
     if attention_mask is None:
@@ -335,16 +352,25 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
             and key_states.dtype == self.dtype
             and value_states.dtype == self.dtype
             and self.scale_dtype == torch.float16
-            and (
-                position_ids is None
-                or (
-                    position_ids.device.type == "cpu"
-                    and position_ids.dtype == torch.long
-                    and position_ids.dim() == 2
-                    and position_ids.shape[1] == 1
-                    and position_ids.shape[0] in (1, self.batch_size)
-                )
-            )
+            and _decode_positions(position_ids, self.batch_size)
+            and native_available()
+        )
+
+    def native_decode_step(self, dtype: torch.dtype, position_ids: torch.Tensor | None) -> bool:
+        """Whether a step of one new token per row, in ``dtype``, both attends (``_native_decode``) and appends
+        (``_native_append``) natively: what the fused decode step of a layer (``decode_native.py``) needs."""
+        return (
+            self.native
+            and not self.static
+            and self.is_initialized
+            and self.device.type == "cpu"
+            and dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and dtype == self.dtype
+            and self.scale_dtype == torch.float16
+            and self.k_window.shape[2] == self.window
+            and self.k_window.is_contiguous()
+            and self.v_window.is_contiguous()
+            and _decode_positions(position_ids, self.batch_size)
             and native_available()
         )
 
@@ -442,11 +468,14 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         attention_mask: torch.Tensor | None,
         scaling: float,
         position_ids: torch.Tensor | None = None,
+        decode_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of ``query`` (B, Hq, q, D) over the stored past and the new tokens, then store them.
 
         ``attention_mask``: None (causal), bool (B|1, 1, q, kv) with True = attend, or additive float, where kv is
-        ``get_mask_sizes(q)[0]``. Returns (B, q, Hq, D) in the query dtype.
+        ``get_mask_sizes(q)[0]``. ``decode_bias``: that mask as the native decode kernel reads it (see
+        ``BitNetA48QuantizedCache.decode_bias``), when the caller has it already. Returns (B, q, Hq, D) in the query
+        dtype.
         """
         self._check_new(key_states, value_states)
         q = query.shape[2]
@@ -459,8 +488,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
             raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys, the cache needs {kv_len}")
         dtype = query.dtype
         if self._native_decode(query):
-            bias = _mask_bias(attention_mask, slice(0, kv_len))  # (B|1, 1, 1, kv) or None
-            bias = None if bias is None else bias.reshape(bias.shape[0], kv_len).contiguous()
+            bias = decode_bias if decode_bias is not None else decode_mask_bias(attention_mask, kv_len)
             out = kv_decode_attention_native(query, self, key_states, value_states, bias, scaling)
             self.append(key_states, value_states, position_ids)
             return out
@@ -663,6 +691,7 @@ class BitNetA48QuantizedCache(Cache):
             BitNetA48QuantizedLayer, bits=bits, window=window, first_token_bits=first_token_bits,
             block_size=block_size, max_cache_len=max_cache_len, scale_dtype=scale_dtype, impl=impl,
         )  # fmt: skip
+        self._decode_bias_memo: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
         if num_layers is None and config is not None:
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
         if num_layers is not None:
@@ -689,7 +718,26 @@ class BitNetA48QuantizedCache(Cache):
                 self.layers.append(self.layer_class_to_replicate())
         if self.query_bits is not None:
             query = fake_quantize_query(query, self.query_bits)
-        return self.layers[layer_idx].attend(query, key_states, value_states, attention_mask, scaling, position_ids)
+        layer = self.layers[layer_idx]
+        bias = None
+        if isinstance(attention_mask, torch.Tensor) and layer.is_initialized and layer._native_decode(query):
+            kv_len = layer.get_mask_sizes(1)[0]
+            if attention_mask.shape[-1] >= kv_len:  # else attend says what is wrong
+                bias = self.decode_bias(attention_mask, kv_len)
+        return layer.attend(query, key_states, value_states, attention_mask, scaling, position_ids, bias)
+
+    def decode_bias(self, attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+        """``decode_mask_bias`` of a decode step's mask, computed once for all the layers of the step: the mask a
+        forward passes to every layer is one tensor, so the last one is kept with its bias (and compared by
+        identity: held here, it cannot be freed and its id reused)."""
+        if attention_mask is None:
+            return None
+        memo = self._decode_bias_memo
+        if memo is not None and memo[0] is attention_mask and memo[1] == kv_len:
+            return memo[2]
+        bias = decode_mask_bias(attention_mask, kv_len)
+        self._decode_bias_memo = (attention_mask, kv_len, bias)
+        return bias
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held by the cache, summed over layers, by tensor name."""

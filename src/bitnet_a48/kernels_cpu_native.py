@@ -62,6 +62,7 @@ from pathlib import Path
 import torch
 
 from .kernels_cpu_native_kv_source import KV_CPP_SOURCE
+from .kernels_cpu_native_layer_source import LAYER_CPP_SOURCE
 from .kernels_cpu_native_source import CPP_SOURCE
 
 ISAS = ("scalar", "avx2", "avx512")
@@ -69,8 +70,9 @@ NATIVE_QUANTIZERS = ("int8", "int4", "topk_int8")
 ISA_ENV = "BITNET_A48_CPU_ISA"
 CACHE_ENV = "BITNET_A48_CACHE_DIR"
 
-# One translation unit: the ternary and int8 kernels, then the KV-cache kernels (which use the first part's helpers).
-SOURCE = CPP_SOURCE + KV_CPP_SOURCE
+# One translation unit: the ternary and int8 kernels, the attention and KV-cache kernels (which use the first part's
+# helpers), and the fused decode step of a decoder layer (which calls both).
+SOURCE = CPP_SOURCE + KV_CPP_SOURCE + LAYER_CPP_SOURCE
 # No -march (ISA paths carry their own target attributes) and no implicit FMA contraction: the ops that equal torch
 # bit for bit round every product and sum as torch does.
 CXX_FLAGS = ("-shared", "-fPIC", "-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off")
@@ -162,6 +164,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("bitnet_a48_native::kv_append_decode")
     def _(*args: object) -> None:
         return None
+
+    @torch.library.register_fake("bitnet_a48_native::decoder_layer_decode")
+    def _(hidden: torch.Tensor, *args: object) -> torch.Tensor:
+        return torch.empty_like(hidden, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("bitnet_a48_native::int8_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIE
 from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
 from .checkpoint_files import validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
+from .decode_native import decoder_layer_decode
 from .kernels_cpu_native import rope_native
 from .packed_bitlinear import NATIVE_DTYPES, PackedBitLinear, fused_projection, has_forward_hooks, project_shared_input
 from .projections import INTERMEDIATE, QUERY, Projection, dimension, is_projection, projections_of
@@ -294,6 +295,10 @@ class BitNetA48DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Packed CPU models in decode: the whole layer in one native call where every part has a native path
+        fused = decoder_layer_decode(self, hidden_states, attention_mask, position_ids, cache, position_embeddings)
+        if fused is not None:
+            return fused, None
         residual = hidden_states
         # Packed CPU models: each input norm is fused into the projections that read it (one native call); only
         # tensors are passed between modules, so hooks (accelerate's offload among them) see what they expect.

@@ -259,9 +259,7 @@ class PackedBitLinear(InputQuantizerMixin, Fp32ScaleMixin, nn.Linear):
 
     # -- configuration -------------------------------------------------------------------------------------
 
-    def set_quant_mode(
-        self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None
-    ) -> None:
+    def set_quant_mode(self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None) -> None:
         """Switch the input quantisers ("a4.8" or "a8"); same semantics as ``BitLinear.set_quant_mode``."""
         if quant_mode == "none":
             raise ValueError(
@@ -284,7 +282,7 @@ class PackedBitLinear(InputQuantizerMixin, Fp32ScaleMixin, nn.Linear):
         self.impl = impl
 
     def set_cpu_layout(self, cpu_layout: str) -> None:
-        """"packed": unpack the 2-bit weights per CPU call; "int8": also keep an int8 copy for ``_int_mm``."""
+        """ "packed": unpack the 2-bit weights per CPU call; "int8": also keep an int8 copy for ``_int_mm``."""
         if cpu_layout not in CPU_LAYOUTS:
             raise ValueError(f"cpu_layout must be one of {CPU_LAYOUTS}, got {cpu_layout!r}")
         self.cpu_layout = cpu_layout
@@ -451,8 +449,6 @@ def _reshape_weight_scale(module: nn.Module, state_dict: dict[str, Any], prefix:
         state_dict[key] = scale.reshape(1)
 
 
-
-
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether a call of ``module`` must go through ``__call__`` (fused paths skip it otherwise).
 
@@ -468,7 +464,7 @@ def has_forward_hooks(module: nn.Module) -> bool:
     )
 
 
-def _fusable_norm(norm: nn.Module | None, x: torch.Tensor) -> bool:
+def _fusable_norm(norm: nn.Module | None, dtype: torch.dtype) -> bool:
     # An RMSNorm module whose arithmetic the native op repeats (modeling's BitNetA48RMSNorm: `weight`,
     # `variance_epsilon`), hook-free, with a weight of the input's dtype on the CPU.
     if norm is None:
@@ -476,7 +472,7 @@ def _fusable_norm(norm: nn.Module | None, x: torch.Tensor) -> bool:
     if type(norm).__name__ != "BitNetA48RMSNorm" or has_forward_hooks(norm):
         return False
     weight = norm._parameters.get("weight")
-    return weight is not None and weight.dtype == x.dtype and weight.device.type == "cpu" and weight.dim() == 1
+    return weight is not None and weight.dtype == dtype and weight.is_cpu and weight.dim() == 1
 
 
 def _on_native_path(layer: nn.Module) -> bool:
@@ -484,6 +480,31 @@ def _on_native_path(layer: nn.Module) -> bool:
     return type(layer) is PackedBitLinear and (
         layer.impl == "native" or (layer.impl == "auto" and layer.cpu_layout == "packed")
     )
+
+
+def fusable_group(
+    layers: tuple[nn.Module, ...], dtype: torch.dtype, norm: nn.Module | None = None, relu2_glu: bool = False
+) -> bool:
+    """Whether one native call can run ``layers`` on ``norm(input)`` for a CPU input of ``dtype`` without a gradient:
+    every layer a hook-free ``PackedBitLinear`` on the native path with its weights on the CPU and one input
+    quantiser, ``norm`` None or a hook-free ``BitNetA48RMSNorm`` of that dtype, and the library built. The checks run
+    for every call of a decode step, so they read plain attributes only."""
+    if dtype not in NATIVE_DTYPES:
+        return False
+    first = layers[0]
+    for layer in layers:
+        if not _on_native_path(layer) or has_forward_hooks(layer):
+            return False
+        if not layer._buffers["weight"].is_cpu:  # e.g. on meta until an offload hook of a parent loads it
+            return False
+        if (layer.act_quantizer, layer.topk_ratio, layer.in_features) != (first.act_quantizer, first.topk_ratio,
+                                                                          first.in_features):  # fmt: skip
+            return False
+    if first.act_quantizer not in NATIVE_QUANTIZERS:
+        return False
+    if relu2_glu and (len(layers) != 2 or layers[0].out_features != layers[1].out_features):
+        return False
+    return _fusable_norm(norm, dtype) and native_available()
 
 
 def fused_projection(
@@ -495,30 +516,14 @@ def fused_projection(
     """The outputs of ``layers`` on ``norm(input)`` from one native call, or None where that call does not apply.
 
     One call quantises the (normalised) input once and runs every layer's packed rows; with ``relu2_glu`` the two
-    layers are (gate, up) and the one output is ``ReLU²(gate) · up``. It applies when every layer is a hook-free
-    ``PackedBitLinear`` on the native path with the same input quantiser, no gradient is asked for, and ``norm`` is a
-    hook-free ``BitNetA48RMSNorm`` with a weight of the input's dtype. The outputs equal the modules' own, bit for bit.
-    Otherwise None: the caller runs the modules (latent models, LoRA-wrapped layers, hooks, other devices). The
-    checks run on every call of a decode step, so they read plain attributes only.
+    layers are (gate, up) and the one output is ``ReLU²(gate) · up``. It applies where :func:`fusable_group` says so
+    for a CPU input that asks for no gradient. The outputs equal the modules' own, bit for bit. Otherwise None: the
+    caller runs the modules (latent models, LoRA-wrapped layers, hooks, other devices).
     """
-    if input.device.type != "cpu" or input.dtype not in NATIVE_DTYPES:
-        return None
-    if torch.is_grad_enabled() and input.requires_grad:
+    if not input.is_cpu or (torch.is_grad_enabled() and input.requires_grad):
         return None
     first = layers[0]
-    for layer in layers:
-        if not _on_native_path(layer) or has_forward_hooks(layer):
-            return None
-        if layer._buffers["weight"].device.type != "cpu":  # e.g. on meta until an offload hook of a parent loads it
-            return None
-        if (layer.act_quantizer, layer.topk_ratio, layer.in_features) != (first.act_quantizer, first.topk_ratio,
-                                                                          first.in_features):  # fmt: skip
-            return None
-    if first.act_quantizer not in NATIVE_QUANTIZERS or input.shape[-1] != first.in_features:
-        return None
-    if relu2_glu and (len(layers) != 2 or layers[0].out_features != layers[1].out_features):
-        return None
-    if not _fusable_norm(norm, input) or not native_available():
+    if input.shape[-1] != first.in_features or not fusable_group(layers, input.dtype, norm, relu2_glu):
         return None
     outputs = ternary_linear_native(
         input.reshape(-1, first.in_features).contiguous(),
