@@ -323,7 +323,9 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_last_complete_one(
     play_folder: Path, uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "killed"
-    (out / "checkpoint-4").mkdir(parents=True)
+    # A complete checkpoint-4 of an earlier run is there to be written again: its resume file must go first.
+    shutil.copytree(uninterrupted / "checkpoint-4", out / "checkpoint-4")
+    (out / "checkpoint-4" / "optimizer.pt").unlink()
     # Trainer writes the model and tokenizer, then optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json.
     _kill_while_writing(_resume_argv(play_folder, out), out / "checkpoint-4" / "optimizer.pt")
     assert (out / "checkpoint-4" / "model.safetensors").is_file()
