@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 RESUME_FILE = "bitnet_a48_resume.json"
+_TEMPORARY_FILE = f".{RESUME_FILE}.tmp"
 FORMAT_VERSION = 1
 SECTIONS = {
     "data": "the data",
@@ -106,12 +107,12 @@ def write_resume_file(checkpoint: str | os.PathLike[str], fingerprint: dict[str,
     """Flush every file of `checkpoint` to disk, then write :data:`RESUME_FILE` atomically (temporary name, rename)."""
     folder = Path(checkpoint)
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != RESUME_FILE):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (RESUME_FILE, _TEMPORARY_FILE)):
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
         files[path.relative_to(folder).as_posix()] = path.stat().st_size
     payload = {"format_version": FORMAT_VERSION, "global_step": global_step, **_plain(fingerprint), "files": files}
-    temporary = folder / f".{RESUME_FILE}.tmp"
+    temporary = folder / _TEMPORARY_FILE
     with open(temporary, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(payload, indent=1) + "\n")
         handle.flush()
