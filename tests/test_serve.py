@@ -141,6 +141,11 @@ def test_greedy_completion_equals_generate_streaming_or_not(served: Served) -> N
     ids = prompt_ids(served, PROMPTS[0])
     reply = served.client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=10, temperature=0)
     assert reply.choices[0].text == generate_text(served, ids, 10)[0]
+    # several prompts of one length in one request: prefilled together, each choice still generate()'s
+    batch = [prompt_ids(served, p)[:5] for p in PROMPTS[1:4]] + [prompt_ids(served, PROMPTS[2])[:9]]
+    reply = served.client.completions.create(model=MODEL_NAME, prompt=batch, max_tokens=20, temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert [c.text for c in reply.choices] == [generate_text(served, ids, 20)[0] for ids in batch]
 
 
 def test_eight_concurrent_clients_get_generate_text(served: Served) -> None:
@@ -421,3 +426,23 @@ def test_transformers_serve_works_once_architectures_names_an_auto_class(served:
         assert reply.choices[0].text == generate_text(served, prompt_ids(served, PROMPTS[1]), 12)[0]
     finally:
         server.kill_server()
+
+
+def test_packed_and_converted_tokenizers_get_the_default_chat_template_unless_they_have_one(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from bitnet_a48.convert import pack_checkpoint
+    from bitnet_a48.tokenization_bitnet_a48 import load_tokenizer
+
+    tokenizer = train_bpe_tokenizer(TEXTS, vocab_size=300)
+    model = create_model(**{**TINY_CONFIG, "vocab_size": len(tokenizer)})
+    for name, template in (("plain", None), ("own", "{{ messages[0]['content'] }}")):
+        tokenizer.chat_template = template
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+        if template is None:
+            assert AutoTokenizer.from_pretrained(tmp_path / name).chat_template is None
+            assert load_tokenizer(str(tmp_path / name)).chat_template == DEFAULT_CHAT_TEMPLATE
+        pack_checkpoint(tmp_path / name, tmp_path / f"{name}-packed")
+        packed = AutoTokenizer.from_pretrained(tmp_path / f"{name}-packed")
+        assert packed.chat_template == (DEFAULT_CHAT_TEMPLATE if template is None else template)

@@ -1,10 +1,10 @@
 """Continuous batching for `bitnet-a48 serve`: one worker thread runs the model; requests join and leave a batch.
 
-Each request is prefilled alone (batch 1, a fresh cache from ``make_generation_cache``, as ``generate()`` does), then
-its cache rows join the running batch: the shorter side is left-padded so that every row ends at the same column,
-and a decode step runs the model's own forward on all rows at once (one token each, per-row positions, a mask that
-hides the padding). A row leaves the batch when it finishes or its client goes away (``batch_select_indices``), and
-columns that have become padding in every row are dropped.
+Waiting prompts are prefilled as ``generate()`` prefills one (a fresh cache from ``make_generation_cache``, positions
+0..n-1), those of one length together (no padding), then their cache rows join the running batch: the shorter side
+is left-padded so that every row ends at the same column, and a decode step runs the model's own forward on all rows
+at once (one token each, per-row positions, a mask that hides the padding). A row leaves the batch when it finishes
+or its client goes away (``batch_select_indices``), and columns that have become padding in every row are dropped.
 
 Exactness against ``model.generate(do_sample=False)``:
 
@@ -209,6 +209,14 @@ class CertifiedHead:
         return logits
 
 
+def _equal_length_groups(sequences: list[Sequence]) -> list[list[Sequence]]:
+    """Sequences grouped by prompt length, in order of first arrival."""
+    groups: dict[int, list[Sequence]] = {}
+    for seq in sequences:
+        groups.setdefault(len(seq.prompt_ids), []).append(seq)
+    return list(groups.values())
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Greedy for temperature 0 (first index of the maximum, as ``torch.argmax``), else top-p sampling."""
     if params.temperature == 0:
@@ -316,11 +324,12 @@ class BatchingEngine:
                 self._admitting = len(new)
             try:
                 with torch.no_grad():
-                    for seq in new:
-                        if not seq.cancelled:
-                            self._prefill(seq)
+                    for group in _equal_length_groups([s for s in new if not s.cancelled]):
+                        self._prefill(group)
                         with self._cond:
-                            self._admitting -= 1
+                            self._admitting -= len(group)
+                    with self._cond:
+                        self._admitting = 0
                     self._drop_finished()
                     if self.active:
                         self._decode_step()
@@ -341,40 +350,47 @@ class BatchingEngine:
             self.active, self.cache = [], None
             self.waiting.clear()
 
-    def _prefill(self, seq: Sequence) -> None:
-        """The prompt alone, as generate() runs it: batch 1, a fresh default cache, positions 0..n-1."""
-        n = len(seq.prompt_ids)
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        cache = make_generation_cache(self.model.config, 1, None, self.device, self.model.dtype)
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Prompts of one length, as generate() runs a prompt: a fresh default cache, positions 0..n-1, no padding
+        (the rows do not mix: per-row kernels and one attention GEMM per row), the head certified like a step's."""
+        n = len(group[0].prompt_ids)
+        ids = torch.tensor([s.prompt_ids for s in group], dtype=torch.long, device=self.device)
+        cache = make_generation_cache(self.model.config, len(group), None, self.device, self.model.dtype)
         hidden = self.model.model(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(n, device=self.device)[None],
+            position_ids=torch.arange(n, device=self.device)[None].expand(len(group), n),
             cache=cache,
             use_cache=True,
-        ).last_hidden_state[:, -1:]
-        logits = self.model.lm_head(hidden)[:, -1].float()  # one row: the call generate() makes
-        seq.cache_len = n
-        if seq.params.temperature > 0:
-            seq.generator = torch.Generator(device="cpu")
-            seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else torch.seed())
-        self._accept(seq, sample_token(logits[0].cpu(), seq.params, seq.generator))
-        if self._finished(seq):
-            return
-        self._join(seq, cache)
+        ).last_hidden_state[:, -1:]  # one row: the view generate() hands to lm_head
+        logits = self.head(hidden, [s.params.temperature == 0 for s in group]).cpu()
+        for row, seq in enumerate(group):
+            seq.cache_len = n
+            if seq.params.temperature > 0:
+                seq.generator = torch.Generator(device="cpu")
+                seq.generator.manual_seed(seq.params.seed if seq.params.seed is not None else torch.seed())
+            self._accept(seq, sample_token(logits[row], seq.params, seq.generator))
+        keep = [i for i, s in enumerate(group) if not self._finished(s)]
+        if len(keep) < len(group) and keep:
+            cache.batch_select_indices(torch.tensor(keep, device=self.device))
+        if keep:
+            self._join([group[i] for i in keep], cache)
 
-    def _join(self, seq: Sequence, cache: Cache) -> None:
-        """Add the prefilled ``cache`` (one row) to the running batch: left-pad the shorter side, concatenate."""
-        if self.cache is None or not self.active:
-            self.cache, self.active = cache, [seq]
-            return
-        width = self.cache.get_seq_length()
-        if seq.cache_len < width:
-            shift_cache(cache, width - seq.cache_len)
-        elif seq.cache_len > width:
-            shift_cache(self.cache, seq.cache_len - width)
-        concat_caches(self.cache, cache)
-        self.active.append(seq)
+    def _join(self, sequences: list[Sequence], cache: Cache) -> None:
+        """Add the prefilled ``cache`` (rows of one length) to the running batch: left-pad the shorter side,
+        concatenate."""
+        length = sequences[0].cache_len
+        with self._cond:
+            if self.cache is None or not self.active:
+                self.cache, self.active = cache, list(sequences)
+                return
+            width = self.cache.get_seq_length()
+            if length < width:
+                shift_cache(cache, width - length)
+            elif length > width:
+                shift_cache(self.cache, length - width)
+            concat_caches(self.cache, cache)
+            self.active.extend(sequences)
 
     def _decode_step(self) -> None:
         rows = self.active
