@@ -127,7 +127,7 @@ def test_native_decode_attention_equals_blockwise_reference(
             for layer in (native, reference):
                 layer.attend(query, keys, values, mask, 0.25, positions)
             continue
-        assert native._native_decode(query) and not reference._native_decode(query)
+        assert native.native_decode(query) and not reference.native_decode(query)
         got = native.attend(query, keys, values, mask, 0.25, positions)
         want = reference.attend(query, keys, values, mask, 0.25, positions)
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
@@ -142,13 +142,13 @@ def test_peak_attention_block_is_bounded_by_block_size() -> None:
     layer = BitNetA48QuantizedLayer(bits=3, window=0, block_size=8, impl="torch")  # the blockwise torch path
     fill(layer, [40])
     seen: list[int] = []
-    original = layer._centered_block
+    original = layer.centered_block
 
     def spy(start: int, length: int, *args: object) -> tuple[torch.Tensor, ...]:
         seen.append(length)
         return original(start, length, *args)
 
-    layer._centered_block = spy  # type: ignore[method-assign]
+    layer.centered_block = spy  # type: ignore[method-assign]
     layer.attend(torch.randn(B, HQ, 1, D), torch.randn(B, H, 1, D), torch.randn(B, H, 1, D), None, 0.25)
     assert seen == [8, 8, 8, 8, 8]
 

@@ -125,7 +125,7 @@ def test_decode_attention_equals_blockwise_reference_at_length(
         k_new = torch.randn(batch, heads, 1, head_dim, generator=g).to(dtype)
         v_new = torch.randn(batch, heads, 1, head_dim, generator=g).to(dtype)
         pos = positions[:, -1:] + t + 1
-        assert native._native_decode(query)
+        assert native.native_decode(query)
         got = native.attend(query, k_new, v_new, mask, head_dim**-0.5, pos)
         want = reference.attend(query, k_new, v_new, mask, head_dim**-0.5, pos)
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()

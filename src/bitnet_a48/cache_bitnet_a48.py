@@ -13,11 +13,10 @@ A layer holds, for batch B, KV heads H, head_dim D and P = D·b/8 bytes::
     k_window, v_window   (B, H, w, D)        model dtype tokens n_quant .. n_quant+w-1, w <= window
     k_sink, v_sink       (B, H, D/2) uint8, (B, H) fp16 the 4-bit first token of each row, sink_pos (B,) its index
 
-``attend`` computes attention blockwise over the packed store with an online softmax (flash-decoding order): a
-block of ``block_size`` tokens is dequantised, used and dropped, so no high-precision copy of the past exists and the
-peak memory of a step is the packed store plus one block. The tokens of the current step attend to each other in
-full precision, as they are in hand; they are stored after. ``update`` is the generic Cache API: it stores the new
-tokens and returns the dequantised past with them, for any attention implementation (a transient copy).
+This module stores; ``attention_packed_kv.py`` reads: ``attend`` (through the attention interface,
+``attention_implementation = "bitnet_a48_packed_kv"``) computes attention over the packed store block by block, with
+no high-precision copy of the past. ``update`` is the generic Cache API: it stores the new tokens and returns the
+dequantised past with them, for any other attention implementation (a transient copy).
 
 ``max_cache_len`` selects the static layout: every buffer is preallocated and written in place with tensor indices,
 so that a decode step can be captured by ``torch.compile`` or CUDA graphs (no window in that layout).
@@ -26,26 +25,18 @@ so that a decode step can be captured by ``torch.compile`` or CUDA graphs (no wi
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
-from .kernels_cpu_native import (
-    kv_append_decode_native,
-    kv_decode_attention_native,
-    kv_quantize_pack_native,
-    native_available,
-)
+from .attention_packed_kv import ATTENTION_NAME, attend_layer, decode_mask_bias, fake_quantize_query
+from .kernels_cpu_native import kv_append_decode_native, kv_quantize_pack_native, native_available
 from .kernels_kv_cache import (
     SUPPORTED_BITS,
     check_bits,
-    compute_scale,
-    grid_mid,
     packed_dim,
-    quantize_codes_torch,
     quantize_pack,
     unpack_centered_torch,
     unpack_dequantize,
@@ -64,65 +55,6 @@ _ROW_TENSORS = (
 )  # fmt: skip
 
 
-def fake_quantize_query(query: torch.Tensor, bits: int) -> torch.Tensor:
-    """Absmax ``bits``-bit fake quantisation of each (token, head) group of the query (the paper's 4-bit Q)."""
-    scale = compute_scale(query, bits, torch.float32)
-    codes = quantize_codes_torch(query, scale, bits)
-    return ((codes.float() - grid_mid(bits)) * scale.unsqueeze(-1)).to(query.dtype)
-
-
-class _OnlineSoftmax:
-    """Attention of a query against keys and values given segment by segment (running max, sum and output in fp32)."""
-
-    def __init__(self, query: torch.Tensor, num_kv_heads: int, scaling: float) -> None:
-        b, hq, q, d = query.shape  # (B, Hq, q, D)
-        self.g, self.q, self.hkv = hq // num_kv_heads, q, num_kv_heads
-        # (B, Hkv, g·q, D): the g query heads sharing a KV head become rows, so no KV head is repeated
-        self.query = query.reshape(b, num_kv_heads, self.g * q, d)
-        self.scaling = scaling
-        self.m = torch.full((b, num_kv_heads, self.g * q, 1), -math.inf, device=query.device)
-        self.l = torch.zeros_like(self.m)
-        self.acc = torch.zeros((b, num_kv_heads, self.g * q, d), device=query.device)
-
-    def add(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        bias: torch.Tensor | None,
-        k_scale: torch.Tensor | None = None,
-        v_scale: torch.Tensor | None = None,
-    ) -> None:
-        """keys, values (B, Hkv, L, D); bias (B|1, 1, q, L) additive fp32 or None; optional per-key scales
-        (B, Hkv, L) of centred codes: q·k_t = s_t (q·c_t) and Σ p_t v_t = Σ (p_t s_t) c_t, so the scales multiply
-        the (g·q, L) scores and weights instead of the (L, D) keys and values."""
-        s = torch.matmul(self.query, keys.transpose(-1, -2)).float() * self.scaling  # (B, Hkv, g·q, L)
-        if k_scale is not None:
-            s = s * k_scale.float().unsqueeze(-2)
-        if bias is not None:
-            b, h, _, n = s.shape
-            s = (s.view(b, h, self.g, self.q, n) + bias.unsqueeze(2)).view(b, h, self.g * self.q, n)
-        m_new = torch.maximum(self.m, s.amax(dim=-1, keepdim=True))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows masked so far
-        alpha = torch.exp(self.m - m_safe)
-        p = torch.exp(s - m_safe)
-        self.l = self.l * alpha + p.sum(dim=-1, keepdim=True)
-        pv = p if v_scale is None else p * v_scale.float().unsqueeze(-2)
-        self.acc = self.acc * alpha + torch.matmul(pv.to(values.dtype), values).float()
-        self.m = m_new
-
-    def result(self, dtype: torch.dtype) -> torch.Tensor:
-        """(B, q, Hq, D), the layout attention interfaces return."""
-        out = torch.where(self.l > 0, self.acc / self.l.clamp(min=1e-30), torch.zeros_like(self.acc))
-        b, _, _, d = out.shape
-        return out.view(b, self.hkv * self.g, self.q, d).transpose(1, 2).to(dtype)
-
-
-def decode_mask_bias(attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
-    """The mask of a decode step (one query per row) as the native kernel reads it: fp32 (B|1, kv_len), or None."""
-    bias = _mask_bias(attention_mask, slice(0, kv_len))  # (B|1, 1, 1, kv) or None
-    return None if bias is None else bias.reshape(bias.shape[0], kv_len).contiguous()
-
-
 def _decode_positions(position_ids: torch.Tensor | None, batch_size: int) -> bool:
     # Positions the native decode append reads: none, or a (1 or B, 1) int64 CPU tensor.
     return position_ids is None or (
@@ -132,16 +64,6 @@ def _decode_positions(position_ids: torch.Tensor | None, batch_size: int) -> boo
         and position_ids.shape[1] == 1
         and position_ids.shape[0] in (1, batch_size)
     )
-
-
-def _mask_bias(attention_mask: torch.Tensor | None, cols: torch.Tensor | slice) -> torch.Tensor | None:
-    """Additive fp32 bias (B|1, 1, q, L) of the mask columns ``cols`` (bool masks: True = attend)."""
-    if attention_mask is None:
-        return None
-    m = attention_mask[..., cols] if isinstance(cols, slice) else attention_mask.index_select(-1, cols)
-    if m.dtype == torch.bool:
-        return torch.zeros(m.shape, device=m.device).masked_fill(~m, -math.inf)
-    return m.float()
 
 
 class BitNetA48QuantizedLayer(CacheLayerMixin):
@@ -184,7 +106,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         if max_cache_len is not None and window:
             raise ValueError("the static layout (max_cache_len) keeps no high-precision window: pass window=0")
         self.bits, self.window, self.block_size, self.impl = bits, window, block_size, impl
-        # impl "auto" reads the dynamic store with the native CPU decode kernel when it applies (`_native_decode`)
+        # impl "auto" reads the dynamic store with the native CPU decode kernel when it applies (`native_decode`)
         self.native = impl == "auto"
         self.scale_dtype = scale_dtype
         self.sink_bits = first_token_bits if first_token_bits is not None and first_token_bits > bits else None
@@ -232,7 +154,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
                 torch._dynamo.mark_static_address(self.cumulative_length)
         self.is_initialized = True
 
-    def _check_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def check_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         want = (self.batch_size, self.num_heads, self.head_dim)
@@ -290,7 +212,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
             getattr(self, f"{kv}_sink_scale").copy_(torch.where(hit.view(-1, 1), ss, getattr(self, f"{kv}_sink_scale")))
 
     def _quantize_pack(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # The native CPU kernel where `_native_decode`'s conditions on device and scales hold (same codes and scales).
+        # The native CPU kernel where `native_decode`'s conditions on device and scales hold (same codes and scales).
         if self.native and x.device.type == "cpu" and self.scale_dtype == torch.float16 and native_available():
             return kv_quantize_pack_native(x, bits)
         return quantize_pack(x, bits, self.scale_dtype, self.impl)
@@ -311,7 +233,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, position_ids: torch.Tensor | None = None
     ) -> None:
         """Store new tokens (B, H, q, D): into the window, quantising what leaves it (dynamic), or straight (static)."""
-        self._check_new(key_states, value_states)
+        self.check_new(key_states, value_states)
         q = key_states.shape[2]
         if self.static:
             self._note_first_tokens(position_ids, self.cumulative_length, q)
@@ -357,7 +279,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         )
 
     def native_decode_step(self, dtype: torch.dtype, position_ids: torch.Tensor | None) -> bool:
-        """Whether a step of one new token per row, in ``dtype``, both attends (``_native_decode``) and appends
+        """Whether a step of one new token per row, in ``dtype``, both attends (``native_decode``) and appends
         (``_native_append``) natively: what the fused decode step of a layer (``decode_native.py``) needs."""
         return (
             self.native
@@ -403,7 +325,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
             v = torch.where(onehot, sink[1].unsqueeze(2), v)
         return k, v
 
-    def _centered_block(
+    def centered_block(
         self, start: int, length: int, dtype: torch.dtype, n_quant: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes minus mid (B, H, L, D) ``dtype`` and scales (B, H, L) of keys then values of a block; first
@@ -425,14 +347,14 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
                 vs = torch.where(onehot[:, None, :], self.v_sink_scale.unsqueeze(-1), vs)
         return kc, ks, vc, vs
 
-    def _stored_len(self) -> int:
+    def stored_len(self) -> int:
         return self.max_cache_len if self.static else self.n_quant
 
     def dequantize_all(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token in ``dtype`` (B, H, S, D): the packed store then the window. For tests and `update`."""
         dtype = dtype or self.dtype
         sink = self._sink_values(dtype) if self.sink_bits is not None else None
-        n = self._stored_len()
+        n = self.stored_len()
         k, v = self._dequantize_block(0, n, dtype, sink, self.cumulative_length if self.static else n)
         if self.static:
             return k[:, :, : int(self.cumulative_length)], v[:, :, : int(self.cumulative_length)]
@@ -442,7 +364,7 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Generic path: store the new tokens; return the dequantised past followed by the new tokens (transient)."""
-        self._check_new(key_states, value_states)
+        self.check_new(key_states, value_states)
         seq_len = self.get_seq_length()
         if self.static:
             past_k, past_v = self._dequantize_block(
@@ -470,59 +392,11 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         position_ids: torch.Tensor | None = None,
         decode_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention of ``query`` (B, Hq, q, D) over the stored past and the new tokens, then store them.
+        """Attention of ``query`` (B, Hq, q, D) over the stored past and the new tokens, which it then stores:
+        ``attention_packed_kv.attend_layer`` (mask and bias conventions there). Returns (B, q, Hq, D)."""
+        return attend_layer(self, query, key_states, value_states, attention_mask, scaling, position_ids, decode_bias)
 
-        ``attention_mask``: None (causal), bool (B|1, 1, q, kv) with True = attend, or additive float, where kv is
-        ``get_mask_sizes(q)[0]``. ``decode_bias``: that mask as the native decode kernel reads it (see
-        ``BitNetA48QuantizedCache.decode_bias``), when the caller has it already. Returns (B, q, Hq, D) in the query
-        dtype.
-        """
-        self._check_new(key_states, value_states)
-        q = query.shape[2]
-        if query.dim() != 4 or query.shape[0] != self.batch_size or query.shape[1] % self.num_heads:
-            raise ValueError(f"query must be (batch, heads multiple of {self.num_heads}, q, D), got {query.shape}")
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attend takes a tensor mask or None, got {type(attention_mask).__name__}")
-        kv_len = self.get_mask_sizes(q)[0]
-        if attention_mask is not None and attention_mask.shape[-1] < kv_len:
-            raise ValueError(f"attention mask covers {attention_mask.shape[-1]} keys, the cache needs {kv_len}")
-        dtype = query.dtype
-        if self._native_decode(query):
-            bias = decode_bias if decode_bias is not None else decode_mask_bias(attention_mask, kv_len)
-            out = kv_decode_attention_native(query, self, key_states, value_states, bias, scaling)
-            self.append(key_states, value_states, position_ids)
-            return out
-        soft = _OnlineSoftmax(query, self.num_heads, scaling)
-        seq_len = self.cumulative_length
-        # 1. the packed store, block by block
-        n_store = self._stored_len()
-        for start in range(0, n_store, self.block_size):
-            length = min(self.block_size, n_store - start)
-            kc, ks, vc, vs = self._centered_block(start, length, dtype, seq_len if self.static else n_store)
-            bias = _mask_bias(attention_mask, slice(start, start + length))
-            if self.static:  # slots at or after the current length hold nothing yet
-                unused = torch.arange(start, start + length, device=self.device) >= seq_len
-                empty = torch.zeros(length, device=self.device).masked_fill(unused, -math.inf).view(1, 1, 1, -1)
-                bias = empty if bias is None else bias + empty
-            soft.add(kc, vc, bias, ks, vs)
-        # 2. the high-precision window
-        if not self.static and self.k_window.shape[2]:
-            w = self.k_window.shape[2]
-            soft.add(
-                self.k_window.to(dtype),
-                self.v_window.to(dtype),
-                _mask_bias(attention_mask, slice(n_store, n_store + w)),
-            )
-        # 3. the new tokens, in full precision, causal among themselves
-        cols = torch.arange(q, device=self.device) + seq_len
-        bias = _mask_bias(attention_mask, cols if self.static else slice(seq_len, seq_len + q))
-        if attention_mask is None and q > 1:
-            bias = torch.full((q, q), -math.inf, device=self.device).triu(1).view(1, 1, q, q)
-        soft.add(key_states.to(dtype), value_states.to(dtype), bias)
-        self.append(key_states, value_states, position_ids)
-        return soft.result(dtype)
-
-    def _native_decode(self, query: torch.Tensor) -> bool:
+    def native_decode(self, query: torch.Tensor) -> bool:
         """Whether ``attend`` reads the store with the native decode kernel: one new token per row, the dynamic
         layout on the CPU, fp16 scales, a dtype the kernel takes, and the library built (``kernels_cpu_native``)."""
         return (
@@ -656,10 +530,14 @@ class BitNetA48QuantizedCache(Cache):
         impl (`str`, defaults to `"auto"`): `"torch"`, `"triton"` or `"auto"` for the quantise/unpack kernels.
         num_layers (`int`, *optional*): number of layers when no config is given (else layers are added lazily).
 
-    A model uses the blockwise attention by calling `attend(query, key, value, layer_idx, mask, scaling)` in place
-    of `update` followed by an attention function; any other model can call `update`, which returns the dequantised
-    past (a transient per-step copy).
+    A model reads the packed store in place through the attention function named by `attention_implementation`
+    (`ALL_ATTENTION_FUNCTIONS[cache.attention_implementation]`, which calls `attend(query, key, value, layer_idx,
+    mask, scaling)`) instead of `update` followed by its own attention function; any other model can call `update`,
+    which returns the dequantised past (a transient per-step copy).
     """
+
+    # The attention function (transformers' attention interface) that reads this cache's packed store in place
+    attention_implementation = ATTENTION_NAME
 
     def __init__(
         self,
@@ -720,7 +598,7 @@ class BitNetA48QuantizedCache(Cache):
             query = fake_quantize_query(query, self.query_bits)
         layer = self.layers[layer_idx]
         bias = None
-        if isinstance(attention_mask, torch.Tensor) and layer.is_initialized and layer._native_decode(query):
+        if isinstance(attention_mask, torch.Tensor) and layer.is_initialized and layer.native_decode(query):
             kv_len = layer.get_mask_sizes(1)[0]
             if attention_mask.shape[-1] >= kv_len:  # else attend says what is wrong
                 bias = self.decode_bias(attention_mask, kv_len)

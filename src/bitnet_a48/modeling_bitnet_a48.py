@@ -29,7 +29,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .bitlinear import BitLinear
 from .cache_argument import GENERATE_CACHE_KEY, MASK_CACHE_ARG, OUTPUT_CACHE_FIELD, output_cache, resolve_cache_argument
-from .cache_bitnet_a48 import BitNetA48QuantizedCache, make_generation_cache
+from .cache_bitnet_a48 import make_generation_cache
 from .checkpoint_files import validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
 from .decode_native import decoder_layer_decode
@@ -215,25 +215,18 @@ class BitNetA48Attention(nn.Module):
             query_states, key_states = rope_native(query_states, key_states, cos, sin)  # one call, equal bit for bit
         else:
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if isinstance(cache, BitNetA48QuantizedCache):
-            # Packed low-bit KV (paper section 2.4): blockwise attention over the packed past, no dequantised copy
-            attn_output = cache.attend(
-                query_states,
-                key_states,
-                value_states,
-                self.layer_idx,
-                attention_mask,
-                self.scaling,
-                position_ids=kwargs.get("position_ids"),
-            )  # (B, T, H, D)
-            attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-            return self._output_projection(attn_output), None
-        if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
-
         attention_interface: Callable = eager_attention_forward
-        if self.config._attn_implementation not in (None, "eager"):
-            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        own_attention = getattr(cache, "attention_implementation", None)
+        if own_attention is not None:
+            # A cache that reads its own store (the packed low-bit KV, paper section 2.4: attention over the packed
+            # past, no dequantised copy): its attention function takes the new keys and values and stores them
+            attention_interface = ALL_ATTENTION_FUNCTIONS[own_attention]
+            kwargs["cache"] = cache
+        else:
+            if cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            if self.config._attn_implementation not in (None, "eager"):
+                attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
