@@ -1,14 +1,17 @@
 """KV-cache benchmark: memory, decode speed and quality of `BitNetA48QuantizedCache` against `DynamicCache`.
 
     python benchmarks/bench_kv_cache.py                     # all sections
-    python benchmarks/bench_kv_cache.py --section memory    # memory | speed | quality
+    python benchmarks/bench_kv_cache.py --section speed --threads 1   # memory | attention | speed | quality
     python benchmarks/bench_kv_cache.py --section quality --model DIR   # quality of a trained model
 
 memory: the 2B-4T attention shape (30 layers, 20 query / 5 KV heads, head_dim 128, bf16), 2,048 tokens of context,
     default window: bytes of every tensor each cache holds, and the peak live bytes of one decode step through all
     layers (cache + everything allocated during the step, traced op by op).
-speed: decode time per token at 1,024 tokens of context, (a) of the attention alone (cache + attention, 2B-4T
-    shape, 30 layers) and (b) of a whole model (BitNetA48ForCausalLM, hidden 1024, 8 layers, head_dim 128).
+attention: the attention function alone (one layer of the 2B-4T shape, batch 1, bf16) over the default 3-bit
+    cache against SDPA over a bf16 DynamicCache, at 1k, 8k and 32k tokens of context: ms and GB/s of cache read.
+speed: a decode step of the packed 2B-4T-shaped model (30 layers, random ternary weights, the defaults a user
+    gets) with the default 3-bit cache against a bf16 DynamicCache, at 1k and 8k tokens of context (batch 1) and at
+    1k (batch 8); the caches are filled with random keys and values (prefill excluded).
 quality: a tiny model trained on a copy task; perplexity of held-out text fed in chunks of 16 tokens through each
     cache, per bit width, with and without the window; greedy agreement with DynamicCache.
     With ``--model DIR`` (a trained model and its tokenizer, e.g. the quickstart's): the validation split of the
@@ -30,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from memory_bandwidth import cpu_description
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -141,40 +145,88 @@ def _time(fn: Callable[[], None], repeats: int) -> float:
     return best
 
 
-def bench_speed(context: int = 1024) -> dict[str, float]:
-    torch.manual_seed(0)
-    result = {}
-    # (a) attention alone, fp32 (CPU bf16 matmuls are emulated and slow), cropped back after each step
+def _filled(make: Callable[[], object], context: int, batch: int, layers: int, dtype: torch.dtype) -> object:
+    """A cache holding ``context`` random tokens of ``batch`` rows in each of ``layers`` layers (no prefill run)."""
+    cache = make()
+    g = torch.Generator().manual_seed(0)
+    for i in range(layers):
+        k = torch.randn(batch, HKV, context, D, generator=g).to(dtype)
+        if isinstance(cache, BitNetA48QuantizedCache):
+            if len(cache.layers) <= i:
+                cache.layers.append(cache.layer_class_to_replicate())
+            cache.layers[i].append(k, k * 0.5, torch.arange(context).expand(batch, -1))
+        else:
+            cache.update(k, k * 0.5, i)
+    return cache
+
+
+def _cache_bytes_read(cache: object) -> int:
+    """Bytes of keys and values a decode step reads from ``cache`` (packed codes, scales, window; or bf16 K/V)."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(cache, BitNetA48QuantizedCache):
+            n = layer.n_quant
+            total += sum(t[:, :, :n].nbytes for t in (layer.k_packed, layer.v_packed, layer.k_scale, layer.v_scale))
+            total += layer.k_window.nbytes + layer.v_window.nbytes
+        else:
+            total += layer.keys.nbytes + layer.values.nbytes
+    return total
+
+
+def bench_attention(contexts: tuple[int, ...] = (1024, 8192, 32768), steps: int = 8) -> dict[str, float]:
+    """The attention function alone, one layer of the 2B-4T shape, batch 1, bf16: ``cache.attend`` over the default
+    3-bit cache (the native decode kernel and the append) against transformers' SDPA over a bf16 DynamicCache
+    (``update`` then ``sdpa_attention_forward``); ms per layer and step, and GB/s of cache read."""
+    dtype, result, module = torch.bfloat16, {}, _Attn()
     g = torch.Generator().manual_seed(2)
-    inputs = [tuple(torch.randn(1, h, 1, D, generator=g) for h in (HQ, HKV, HKV)) for _ in range(LAYERS)]
-    for name, make in (("dynamic", DynamicCache), ("quantised", lambda: BitNetA48QuantizedCache(num_layers=LAYERS))):
-        cache = make()
-        _fill(cache, context, torch.float32, LAYERS)
+    q, k, v = (torch.randn(1, h, 1, D, generator=g).to(dtype) for h in (HQ, HKV, HKV))
+    for context in contexts:
+        for name, make in (("dynamic", DynamicCache), ("quantised", lambda: BitNetA48QuantizedCache(num_layers=1))):
+            cache = _filled(make, context, 1, 1, dtype)
+            if name == "quantised":
+                step = lambda cache=cache: cache.attend(q, k, v, 0, None, D**-0.5)  # noqa: E731
+            else:
+                step = lambda cache=cache: sdpa_attention_forward(module, q, *cache.update(k, v, 0), None,  # noqa: E731
+                                                                  scaling=D**-0.5)  # fmt: skip
+            seconds = _time(step, steps)
+            result[f"attention_{context}_{name}_ms"] = 1e3 * seconds
+            result[f"attention_{context}_{name}_GBs"] = _cache_bytes_read(cache) / seconds / 1e9
+        result[f"attention_{context}_ratio"] = (
+            result[f"attention_{context}_quantised_ms"] / result[f"attention_{context}_dynamic_ms"]
+        )
+    return result
 
-        def step(cache: object = cache) -> None:
-            _decode_step(cache, inputs)
-            cache.crop(-1)
 
-        result[f"attention_{name}_ms"] = 1e3 * _time(step, 5)
-    result["attention_ratio"] = result["attention_quantised_ms"] / result["attention_dynamic_ms"]
-    # (b) whole model, fp32 latent weights, a4.8 arithmetic
-    config = BitNetA48Config(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
-                             pad_token_id=0, bos_token_id=1, eos_token_id=2, kv_cache_bits=3)  # fmt: skip
-    model = BitNetA48ForCausalLM(config).eval()
-    ids = torch.randint(3, 32000, (1, context))
-    token = torch.randint(3, 32000, (1, 1))
+def bench_speed(contexts: tuple[int, ...] = (1024, 8192), batches: tuple[int, ...] = (1,), layers: int = LAYERS,
+                steps: int = 4) -> dict[str, float]:  # fmt: skip
+    """A decode step of the packed 2B-4T shape (random ternary weights, bf16, the defaults a user gets: native
+    kernels, bf16 head) with the default 3-bit cache against a bf16 DynamicCache holding the same context; the
+    caches are filled with random keys and values (prefill excluded). ms per step (median of ``steps``-step runs)."""
+    from profile_decode_step import build
+
+    model = build(layers, 3, int8_head=False)
+    result = {}
+    makers = {"dynamic": DynamicCache, "quantised": lambda: BitNetA48QuantizedCache(model.config)}
     with torch.no_grad():
-        for name, make in (("dynamic", DynamicCache), ("quantised", lambda: BitNetA48QuantizedCache(config))):
-            cache = make()
-            model(ids, cache=cache)
+        for batch in batches:
+            for context in contexts:
+                key, read = f"step_b{batch}_{context}", {}
+                for name, make in makers.items():
+                    cache = _filled(make, context, batch, layers, torch.bfloat16)
+                    token = torch.randint(3, model.config.vocab_size, (batch, 1))
+                    position = [context]
 
-            def step(cache: object = cache) -> None:
-                model(token, cache=cache)
-                cache.crop(-1)
+                    def step(
+                        cache: object = cache, token: torch.Tensor = token, position: list[int] = position
+                    ) -> None:
+                        ids = torch.full_like(token, position[0])
+                        model(token, cache=cache, position_ids=ids, logits_to_keep=1)
+                        position[0] += 1
 
-            result[f"model_{name}_ms"] = 1e3 * _time(step, 5)
-    result["model_ratio"] = result["model_quantised_ms"] / result["model_dynamic_ms"]
+                    result[f"{key}_{name}_ms"] = 1e3 * _time(step, steps)
+                    read[name] = _cache_bytes_read(cache)
+                result[f"{key}_ratio"] = result[f"{key}_quantised_ms"] / result[f"{key}_dynamic_ms"]
+                result[f"{key}_memory_ratio"] = read["dynamic"] / read["quantised"]
     return result
 
 
@@ -311,8 +363,8 @@ def bench_quality_model(
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section", choices=("all", "memory", "speed", "quality"), default="all")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--section", choices=("all", "memory", "attention", "speed", "quality"), default="all")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=300, help="training steps of the toy quality model")
     parser.add_argument("--model", metavar="DIR", help="trained model (and tokenizer) for quality")
     parser.add_argument("--sequences", type=int, default=128, help="validation sequences (--model)")
@@ -331,7 +383,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             args.model, args.sequences, args.seq_len, args.chunk, args.prompts, args.prompt_len, args.new_tokens
         )
 
-    sections = {"memory": bench_memory, "speed": bench_speed, "quality": quality}
+    def speed() -> dict[str, float]:
+        return {**bench_speed(batches=(1,)), **bench_speed(contexts=(1024,), batches=(8,))}
+
+    sections = {"memory": bench_memory, "attention": bench_attention, "speed": speed, "quality": quality}
+    print(f"{cpu_description()}; {torch.get_num_threads()} threads; torch {torch.__version__}")
     results = {}
     for name, fn in sections.items():
         if args.section in ("all", name):

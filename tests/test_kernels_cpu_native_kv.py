@@ -148,3 +148,26 @@ def test_decode_attention_paths_agree_on_a_fully_masked_row() -> None:
     kn.set_cpu_isa(RUNNABLE_ISAS[-1])
     for out in outs:
         assert torch.equal(out, torch.zeros_like(out))  # every weight 0: no NaN from exp(-inf - -inf)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_decode_attention_split_over_threads_equals_reference(isa: str, threads: int) -> None:
+    """Batch 1 with few KV heads: the store is split into chunks across threads and the partials merged."""
+    g = torch.Generator().manual_seed(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native, reference = (BitNetA48QuantizedLayer(bits=3, window=16, impl=impl) for impl in ("auto", "torch"))
+        keys, values = torch.randn(1, 2, 1500, 32, generator=g), torch.randn(1, 2, 1500, 32, generator=g)
+        for layer in (native, reference):
+            layer.append(keys, values, _positions(1, 1500))
+        mask = torch.ones(1, 1, 1, 1501, dtype=torch.bool)
+        mask[..., 700:1300] = False  # one chunk almost all masked
+        query = torch.randn(1, 8, 1, 32, generator=g)
+        k_new, v_new = torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)
+        got = native.attend(query, k_new, v_new, mask, 32**-0.5, torch.tensor([[1500]]))
+        want = reference.attend(query, k_new, v_new, mask, 32**-0.5, torch.tensor([[1500]]))
+    finally:
+        torch.set_num_threads(before)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-5, f"{isa}, {threads} threads: relative difference {err:.2e}"

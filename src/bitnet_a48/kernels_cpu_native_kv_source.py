@@ -666,6 +666,92 @@ static void values_packed(int64_t isa, const float* p, int64_t ld, int64_t g, in
 #define BITNET_A48_BY_ISA(FN, ...) FN##_scalar(__VA_ARGS__)
 #endif
 
+// Store tokens per work item at least (a chunk is worth splitting off only if its reads outweigh a merge).
+constexpr int64_t kMinChunkTokens = 512;
+
+// Work items: (row, KV head) pairs, each split into C chunks of its store when there are fewer pairs than about
+// four per thread (batch 1 has 5 for 2B-4T), so that every thread has work; 1 chunk otherwise.
+static int64_t store_chunks(int64_t units, int64_t n_quant) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || units >= 4 * threads) return 1;
+  const int64_t want = (4 * threads + units - 1) / units;
+  return std::max<int64_t>(1, std::min<int64_t>(want, n_quant / kMinChunkTokens));
+}
+
+// One work item: the g query heads of pair bh over store tokens [s0, s1) (and, for the last chunk, the window
+// and the new token). Leaves the running max m[j], the sum of exp(score - m) l[j] and the unnormalised output
+// acc[j] = sum exp(score - m) * value (flash-decoding partials, merged by the caller).
+template <typename T>
+static void kv_attention_item(
+    int64_t isa, const float* qf, int64_t b, int64_t bh, int64_t g, int64_t D, int64_t s0, int64_t s1, bool dense,
+    const uint8_t* kp, const c10::Half* ks, const uint8_t* vp, const c10::Half* vs, int64_t cap, int64_t n_quant,
+    int64_t bits, const uint8_t* k_sink, const c10::Half* k_sink_s, const uint8_t* v_sink,
+    const c10::Half* v_sink_s, const int64_t* sink_pos, int64_t sink_bits, const T* kw, const T* vw, int64_t w,
+    const T* kn, const T* vn, const float* bias, int64_t bias_rows, int64_t kv_len, float scaling,
+    std::vector<float>& scores, std::vector<float>& row, std::vector<float>& keys, std::vector<float>& values,
+    float* m, float* l, float* acc) {
+  const int64_t P = D * bits / 8, Ps = sink_bits ? D * sink_bits / 8 : 0, ns = s1 - s0;
+  const int64_t nd = dense ? w + 1 : 0, nt = ns + nd;
+  scores.resize(g * nt);
+  const int64_t sink = sink_bits ? sink_pos[b] : -1;
+  const bool has_sink = sink >= s0 && sink < s1 && sink < n_quant;  // the row's first token, at sink_bits
+  scores_packed(isa, qf, g, D, kp + (bh * cap + s0) * P, ks + bh * cap + s0, ns, bits, scaling, row.data(),
+                scores.data(), nt);
+  if (has_sink) {
+    unpack_centered(k_sink + bh * Ps, D, sink_bits, row.data());
+    const float s = static_cast<float>(k_sink_s[bh]);
+    for (int64_t j = 0; j < g; ++j) scores[j * nt + sink - s0] = dot_scalar(qf + j * D, row.data(), D) * s * scaling;
+  }
+  if (dense) {  // the high-precision window, then the new token, as fp32 rows
+    keys.resize(nd * D);
+    values.resize(nd * D);
+    for (int64_t t = 0; t < nd; ++t) {
+      const T* ksrc = t < w ? kw + (bh * w + t) * D : kn + bh * D;
+      const T* vsrc = t < w ? vw + (bh * w + t) * D : vn + bh * D;
+      for (int64_t d = 0; d < D; ++d) {
+        keys[t * D + d] = to_float(ksrc[d]);
+        values[t * D + d] = to_float(vsrc[d]);
+      }
+    }
+    BITNET_A48_BY_ISA(scores_dense, qf, g, D, keys.data(), nd, scaling, scores.data() + ns, nt);
+  }
+  if (bias) {
+    const float* brow = bias + (bias_rows > 1 ? b : 0) * kv_len;
+    for (int64_t j = 0; j < g; ++j) {
+      for (int64_t t = 0; t < ns; ++t) scores[j * nt + t] += brow[s0 + t];
+      for (int64_t t = 0; t < nd; ++t) scores[j * nt + ns + t] += brow[n_quant + t];
+    }
+  }
+  for (int64_t j = 0; j < g; ++j) {  // exp(score - max) in place: every score of the item is in hand
+    float* sj = scores.data() + j * nt;
+    m[j] = BITNET_A48_BY_ISA(max_value, sj, nt);
+    if (std::isinf(m[j]) && m[j] < 0) {
+      std::fill(sj, sj + nt, 0.0f);
+      l[j] = 0.0f;
+      continue;
+    }
+    l[j] = BITNET_A48_BY_ISA(exp_sum, sj, nt, m[j]);
+  }
+  std::fill(acc, acc + g * D, 0.0f);
+  float sink_p[64];
+  if (has_sink)  // the first token's b-bit slot takes no weight; its sink_bits codes are added below
+    for (int64_t j = 0; j < g; ++j) {
+      sink_p[j] = scores[j * nt + sink - s0];
+      scores[j * nt + sink - s0] = 0.0f;
+    }
+  values_packed(isa, scores.data(), nt, g, D, vp + (bh * cap + s0) * P, vs + bh * cap + s0, ns, bits, row.data(),
+                acc);
+  if (has_sink) {
+    unpack_centered(v_sink + bh * Ps, D, sink_bits, row.data());
+    const float s = static_cast<float>(v_sink_s[bh]);
+    for (int64_t j = 0; j < g; ++j) {
+      const float c = sink_p[j] * s;
+      for (int64_t d = 0; d < D; ++d) acc[j * D + d] += c * row[d];
+    }
+  }
+  if (dense) BITNET_A48_BY_ISA(values_dense, scores.data() + ns, nt, g, D, values.data(), nd, acc);
+}
+
 template <typename T>
 static void kv_attention_rows(
     const T* q, int64_t B, int64_t Hq, int64_t H, int64_t D,
@@ -673,73 +759,42 @@ static void kv_attention_rows(
     int64_t bits, const uint8_t* k_sink, const c10::Half* k_sink_s, const uint8_t* v_sink,
     const c10::Half* v_sink_s, const int64_t* sink_pos, int64_t sink_bits, const T* kw, const T* vw, int64_t w,
     const T* kn, const T* vn, const float* bias, int64_t bias_rows, int64_t kv_len, float scaling, T* out) {
-  const int64_t g = Hq / H, P = D * bits / 8, Ps = sink_bits ? D * sink_bits / 8 : 0, n = n_quant + w + 1;
-  const int64_t isa = current_isa();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(g * n), acc(g * D), qf(g * D), row(D), keys((w + 1) * D), values((w + 1) * D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
+  const int64_t g = Hq / H, isa = current_isa(), C = store_chunks(B * H, n_quant), stride = 2 * g + g * D;
+  std::vector<float> partials(B * H * C * stride);  // per item: m (g), l (g), acc (g * D)
+  at::parallel_for(0, B * H * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, qf(g * D), row(D), keys, values;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / C, c = item % C, b = bh / H, h = bh % H;
       for (int64_t j = 0; j < g; ++j)
         for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_float(q[((b * Hq) + h * g + j) * D + d]);
-      // The high-precision window, then the new token, as fp32 rows.
-      for (int64_t t = 0; t <= w; ++t) {
-        const T* ksrc = t < w ? kw + (bh * w + t) * D : kn + bh * D;
-        const T* vsrc = t < w ? vw + (bh * w + t) * D : vn + bh * D;
-        for (int64_t d = 0; d < D; ++d) {
-          keys[t * D + d] = to_float(ksrc[d]);
-          values[t * D + d] = to_float(vsrc[d]);
-        }
-      }
-      const int64_t sink = sink_bits ? sink_pos[b] : -1;
-      const bool has_sink = sink >= 0 && sink < n_quant;  // the row's first token, at sink_bits, in place of slot
-      scores_packed(isa, qf.data(), g, D, kp + bh * cap * P, ks + bh * cap, n_quant, bits, scaling, row.data(),
-                    scores.data(), n);
-      if (has_sink) {
-        unpack_centered(k_sink + bh * Ps, D, sink_bits, row.data());
-        const float s = static_cast<float>(k_sink_s[bh]);
-        for (int64_t j = 0; j < g; ++j)
-          scores[j * n + sink] = dot_scalar(qf.data() + j * D, row.data(), D) * s * scaling;
-      }
-      BITNET_A48_BY_ISA(scores_dense, qf.data(), g, D, keys.data(), w + 1, scaling, scores.data() + n_quant, n);
-      if (bias) {
-        const float* brow = bias + (bias_rows > 1 ? b : 0) * kv_len;
-        for (int64_t j = 0; j < g; ++j)
-          for (int64_t t = 0; t < n; ++t) scores[j * n + t] += brow[t];
-      }
-      // Softmax per query head (exact max: every score is in hand).
-      float sink_p[64];
-      for (int64_t j = 0; j < g; ++j) {
-        float* sj = scores.data() + j * n;
-        const float mx = BITNET_A48_BY_ISA(max_value, sj, n);
-        if (std::isinf(mx) && mx < 0) {
-          std::fill(sj, sj + n, 0.0f);
-          continue;
-        }
-        const float sum = BITNET_A48_BY_ISA(exp_sum, sj, n, mx);
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        for (int64_t t = 0; t < n; ++t) sj[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      if (has_sink)  // the first token's b-bit slot takes no weight; its sink_bits codes are added below
-        for (int64_t j = 0; j < g; ++j) {
-          sink_p[j] = scores[j * n + sink];
-          scores[j * n + sink] = 0.0f;
-        }
-      values_packed(isa, scores.data(), n, g, D, vp + bh * cap * P, vs + bh * cap, n_quant, bits, row.data(),
-                    acc.data());
-      if (has_sink) {
-        unpack_centered(v_sink + bh * Ps, D, sink_bits, row.data());
-        const float s = static_cast<float>(v_sink_s[bh]);
-        for (int64_t j = 0; j < g; ++j) {
-          const float c = sink_p[j] * s;
-          for (int64_t d = 0; d < D; ++d) acc[j * D + d] += c * row[d];
-        }
-      }
-      BITNET_A48_BY_ISA(values_dense, scores.data() + n_quant, n, g, D, values.data(), w + 1, acc.data());
-      for (int64_t j = 0; j < g; ++j)  // out (B, 1, Hq, D)
-        for (int64_t d = 0; d < D; ++d) out[((b * Hq) + h * g + j) * D + d] = from_float<T>(acc[j * D + d]);
+      float* part = partials.data() + item * stride;
+      kv_attention_item<T>(isa, qf.data(), b, bh, g, D, n_quant * c / C, n_quant * (c + 1) / C, c == C - 1, kp, ks,
+                           vp, vs, cap, n_quant, bits, k_sink, k_sink_s, v_sink, v_sink_s, sink_pos, sink_bits, kw,
+                           vw, w, kn, vn, bias, bias_rows, kv_len, scaling, scores, row, keys, values, part,
+                           part + g, part + 2 * g);
     }
   });
+  // Merge the chunks of each pair: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c.
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const int64_t b = bh / H, h = bh % H;
+    for (int64_t j = 0; j < g; ++j) {
+      float M = -INFINITY;
+      for (int64_t c = 0; c < C; ++c) M = std::max(M, partials[(bh * C + c) * stride + j]);
+      float L = 0.0f;
+      std::vector<float> o(D, 0.0f);
+      if (!(std::isinf(M) && M < 0)) {
+        for (int64_t c = 0; c < C; ++c) {
+          const float* part = partials.data() + (bh * C + c) * stride;
+          if (std::isinf(part[j]) && part[j] < 0) continue;
+          const float f = C == 1 ? 1.0f : std::exp(part[j] - M);
+          L += f * part[g + j];
+          for (int64_t d = 0; d < D; ++d) o[d] += f * part[2 * g + j * D + d];
+        }
+      }
+      const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+      for (int64_t d = 0; d < D; ++d) out[((b * Hq) + h * g + j) * D + d] = from_float<T>(o[d] * inv);  // (B,1,Hq,D)
+    }
+  }
 }
 
 at::Tensor kv_decode_attention(const at::Tensor& query, const at::Tensor& k_packed, const at::Tensor& k_scale,
