@@ -334,6 +334,8 @@ def bench_quality_model(
     prompt_len: int = 128,
     new_tokens: int = 32,
     batch: int = 32,
+    bit_widths: tuple[int, ...] = (8, 4, 3, 2),
+    windows: tuple[int, ...] = (16, 0),
 ) -> dict[str, float]:
     """Chunked validation perplexity and greedy agreement of a trained model, DynamicCache against each setting."""
     t0 = time.perf_counter()
@@ -347,8 +349,8 @@ def bench_quality_model(
     result["ppl_no_cache"] = math.exp(full / len(data))
     result["ppl_dynamic"], top1_ref = _chunked_eval(model, data, DynamicCache, chunk, batch)
     ref = _greedy(model, prompt, DynamicCache, chunk, new_tokens)
-    for window in (16, 0):
-        for bits in (8, 4, 3, 2):
+    for window in windows:
+        for bits in bit_widths:
             make = lambda b=bits, w=window: BitNetA48QuantizedCache(model.config, bits=b, window=w)  # noqa: E731
             p, top1 = _chunked_eval(model, data, make, chunk, batch)
             result[f"ppl_{bits}bit_w{window}"] = p
@@ -373,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--prompts", type=int, default=32, help="greedy prompts (--model)")
     parser.add_argument("--prompt-len", type=int, default=128, help="tokens per greedy prompt (--model)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt (--model)")
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2], help="cache bit widths (--model)")
+    parser.add_argument("--windows", type=int, nargs="+", default=[16, 0], help="high-precision windows (--model)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -380,7 +384,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if args.model is None:
             return bench_quality(args.steps)
         return bench_quality_model(
-            args.model, args.sequences, args.seq_len, args.chunk, args.prompts, args.prompt_len, args.new_tokens
+            args.model,
+            args.sequences,
+            args.seq_len,
+            args.chunk,
+            args.prompts,
+            args.prompt_len,
+            args.new_tokens,
+            bit_widths=tuple(args.bits),
+            windows=tuple(args.windows),
         )
 
     def speed() -> dict[str, float]:
