@@ -4,6 +4,8 @@ import os
 # kernels run on CPU tensors through the interpreter on machines without a GPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from collections.abc import Iterator  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -30,3 +32,28 @@ def tiny_config_kwargs() -> dict:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def runnable_isas() -> tuple[str, ...]:
+    """The native kernels' ISA paths this CPU runs, narrowest first (builds the library on first use)."""
+    from bitnet_a48 import kernels_cpu_native as kn
+
+    kn.load_native()
+    return kn.ISAS[: kn.ISAS.index(kn.best_cpu_isa()) + 1]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests taking `isa` run once per native ISA path the machine has (the library is built only for them).
+    if "isa" in metafunc.fixturenames:
+        metafunc.parametrize("isa", runnable_isas(), indirect=True)
+
+
+@pytest.fixture
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The native kernels forced to one ISA path for the test (restored after)."""
+    from bitnet_a48 import kernels_cpu_native as kn
+
+    before = kn.cpu_isa()
+    kn.set_cpu_isa(request.param)
+    yield request.param
+    kn.set_cpu_isa(before)

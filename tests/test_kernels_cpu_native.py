@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,16 +17,7 @@ from bitnet_a48.packing import pack_ternary
 from bitnet_a48.quantization import quantize_act, quantize_act_int8, topk_count
 
 kn.load_native()
-RUNNABLE_ISAS = kn.ISAS[: kn.ISAS.index(kn.best_cpu_isa()) + 1]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(params=RUNNABLE_ISAS)
-def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    before = kn.cpu_isa()
-    kn.set_cpu_isa(request.param)
-    yield request.param
-    kn.set_cpu_isa(before)
 
 
 def _activations(m: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

@@ -1,28 +1,19 @@
 """Native attention kernels of a decode step (RoPE, attention over the packed KV store, its append) against their
 torch references, on every ISA path this machine runs (forced narrower)."""
 
-from collections.abc import Iterator
-
 import pytest
 import torch
+from conftest import runnable_isas
 
 from bitnet_a48 import kernels_cpu_native as kn
 from bitnet_a48.cache_bitnet_a48 import BitNetA48QuantizedLayer
 from bitnet_a48.modeling_bitnet_a48 import apply_rotary_pos_emb
 
 kn.load_native()
-RUNNABLE_ISAS = kn.ISAS[: kn.ISAS.index(kn.best_cpu_isa()) + 1]
+RUNNABLE_ISAS = runnable_isas()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROW_TENSORS = ("k_packed", "v_packed", "k_scale", "v_scale", "k_window", "v_window")
 SINK_TENSORS = ("k_sink", "v_sink", "k_sink_scale", "v_sink_scale", "sink_pos")
-
-
-@pytest.fixture(params=RUNNABLE_ISAS)
-def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    before = kn.cpu_isa()
-    kn.set_cpu_isa(request.param)
-    yield request.param
-    kn.set_cpu_isa(before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
