@@ -6,20 +6,24 @@ is left-padded so that every row ends at the same column, and a decode step runs
 at once (one token each, per-row positions, a mask that hides the padding). A row leaves the batch when it finishes
 or its client goes away (``batch_select_indices``), and columns that have become padding in every row are dropped.
 
-Exactness against ``model.generate(do_sample=False)``:
+Exactness against ``model.generate(do_sample=False)`` (one prompt, batch 1):
 
 - The projections (native ternary kernels: per-row quantisers, int32 sums), norms, RoPE and the int8 head are
   computed row by row, so a row's numbers do not depend on the other rows.
-- The default 3-bit cache is read by the native decode kernel, which skips exact zeros of the softmax: leading
-  padded columns (bias -inf) add nothing, in the same order, so padding changes no bit. Left padding keeps each row's
-  last tokens in the high-precision window, as in an unbatched cache.
+- Attention over the default 3-bit cache (the native decode kernel) takes each (row, KV head) pair as its own work
+  item, so the other rows change nothing, but two things can change a last bit: left padding moves a row's tokens to
+  other SIMD lanes of the softmax sums (16 on AVX-512, 8 on AVX2), and a batch-1 call over 1024 or more stored
+  tokens splits the store across threads (flash-decoding partials) where a larger batch does not. A token changes
+  only where such a bit moves an activation code across a rounding boundary or decides a near-tie; the tests and
+  the benchmark find generate()'s texts. (Sums that began at each row's first unmasked token would make padding
+  invisible.)
 - A dense float ``lm_head`` is a BLAS GEMM over the batch, whose sums run in another order than the GEMV of one row
   (last-bit differences, measured). For a greedy row the batched logits are used only where their argmax is certain
   to be the GEMV's: the top-2 gap must exceed twice the worst-case float error of a K-term dot product,
   ``gamma_K · ||w||₂ · ||x||₂`` per logit (plus the output rounding for bf16 / fp16). Other greedy rows are
-  recomputed alone, with the call ``generate()`` makes, so the token is exactly generate()'s.
+  recomputed alone, with the call ``generate()`` makes, so the head adds no difference.
 - A full-precision (``DynamicCache``) model is batched the same way, but its padded attention goes through SDPA,
-  whose sums depend on the length: there batched greedy text can differ from generate()'s in rare near-ties.
+  whose sums depend on the length.
 
 Sampled rows (temperature > 0) use the batched logits with a per-request ``torch.Generator`` (``seed``).
 """
