@@ -446,3 +446,30 @@ def test_packed_and_converted_tokenizers_get_the_default_chat_template_unless_th
         pack_checkpoint(tmp_path / name, tmp_path / f"{name}-packed")
         packed = AutoTokenizer.from_pretrained(tmp_path / f"{name}-packed")
         assert packed.chat_template == (DEFAULT_CHAT_TEMPLATE if template is None else template)
+
+
+def test_python_m_serve_runs_until_interrupted(served: Served) -> None:
+    """`python -m bitnet_a48.serve FOLDER` (what `bitnet-a48 serve` runs): serves, then exits 0 on Ctrl-C."""
+    import signal
+
+    port = _free_port()
+    command = [sys.executable, "-m", "bitnet_a48.serve", str(served.folder), "--port", str(port), "--threads", "1",
+               "--max-batch-size", "2", "--served-model-name", "cli-model"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+
+        def ready() -> bool:
+            try:
+                return [m.id for m in client.models.list().data] == ["cli-model"]
+            except openai.APIConnectionError:
+                return process.poll() is not None  # stop waiting if it died
+
+        assert wait_until(ready, 60, interval=0.2) and process.poll() is None, process.stderr.read()
+        reply = client.completions.create(model="cli-model", prompt=PROMPTS[1], max_tokens=8, temperature=0)
+        assert reply.choices[0].text == generate_text(served, prompt_ids(served, PROMPTS[1]), 8)[0]
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert f"on http://127.0.0.1:{port}/v1" in out

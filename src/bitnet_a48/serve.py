@@ -153,6 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal: done
+        pass
     finally:
         engine.stop()
     return {"model": name, "host": args.host, "port": args.port}
