@@ -162,3 +162,27 @@ def test_decode_attention_split_over_threads_equals_reference(isa: str, threads:
         torch.set_num_threads(before)
     err = ((got - want).norm() / want.norm()).item()
     assert err < 1e-5, f"{isa}, {threads} threads: relative difference {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_decode_attention_of_a_left_padded_row_equals_the_row_alone(isa: str, dtype: torch.dtype) -> None:
+    """Padding in front of a row (masked, so exact zeros in the softmax) leaves its output bit for bit as it is
+    alone: what a server batching requests of different lengths relies on to match generate()."""
+    g = torch.Generator().manual_seed(5)
+    n, pad, heads, groups, head_dim = 301, 37, 2, 4, 64
+    keys, values = (torch.randn(1, heads, n, head_dim, generator=g).to(dtype) for _ in range(2))
+    alone, batched = (BitNetA48QuantizedLayer(bits=3, window=16) for _ in range(2))
+    alone.append(keys, values, torch.arange(n).view(1, -1))
+    junk = lambda: torch.randn(1, heads, pad, head_dim, generator=g).to(dtype)  # noqa: E731
+    other_k, other_v = (torch.randn(1, heads, n + pad, head_dim, generator=g).to(dtype) for _ in range(2))
+    positions = torch.stack([torch.arange(n + pad), (torch.arange(n + pad) - pad).clamp(min=0)])
+    batched.append(torch.cat([other_k, torch.cat([junk(), keys], 2)]),
+                   torch.cat([other_v, torch.cat([junk(), values], 2)]), positions)  # fmt: skip
+    query = torch.randn(1, heads * groups, 1, head_dim, generator=g).to(dtype)
+    k_new, v_new = (torch.randn(1, heads, 1, head_dim, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(2, 1, 1, n + pad + 1, dtype=torch.bool)
+    mask[1, ..., :pad] = False
+    want = alone.attend(query, k_new, v_new, None, head_dim**-0.5, torch.tensor([[n]]))
+    got = batched.attend(torch.cat([query, query]), torch.cat([k_new, k_new]), torch.cat([v_new, v_new]), mask,
+                         head_dim**-0.5, torch.tensor([[n + pad], [n]]))  # fmt: skip
+    assert torch.equal(got[1:], want)

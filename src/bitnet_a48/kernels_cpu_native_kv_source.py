@@ -315,13 +315,17 @@ static void values_dense_scalar(const float* p, int64_t ld, int64_t g, int64_t D
     }
 }
 
-static float exp_sum_scalar(float* x, int64_t n, float m) {
+// The softmax denominator, summed token by token: a left-padded row (exact zeros in front) gets the sum it has
+// alone, whatever SIMD lane each token falls in.
+static inline float sum_in_order(const float* x, int64_t n) {
   float sum = 0.0f;
-  for (int64_t t = 0; t < n; ++t) {
-    x[t] = std::exp(x[t] - m);
-    sum += x[t];
-  }
+  for (int64_t t = 0; t < n; ++t) sum += x[t];
   return sum;
+}
+
+static float exp_sum_scalar(float* x, int64_t n, float m) {
+  for (int64_t t = 0; t < n; ++t) x[t] = std::exp(x[t] - m);
+  return sum_in_order(x, n);
 }
 
 static float max_value_scalar(const float* x, int64_t n) {
@@ -454,19 +458,16 @@ BITNET_A48_AVX2 static void values_dense_avx2(const float* p, int64_t ld, int64_
 
 BITNET_A48_AVX2 static float exp_sum_avx2(float* x, int64_t n, float m) {
   const __m256 mv = _mm256_set1_ps(m);
-  __m256 sv = _mm256_setzero_ps();
   int64_t t = 0;
-  for (; t + 8 <= n; t += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), mv));
-    _mm256_storeu_ps(x + t, e);
-    sv = _mm256_add_ps(sv, e);
+  for (; t + 8 <= n; t += 8) _mm256_storeu_ps(x + t, exp256(_mm256_sub_ps(_mm256_loadu_ps(x + t), mv)));
+  if (t < n) {  // the tail through the same polynomial (-inf pads give 0)
+    alignas(32) float tail[8];
+    std::fill(tail, tail + 8, -INFINITY);
+    std::copy(x + t, x + n, tail);
+    _mm256_store_ps(tail, exp256(_mm256_sub_ps(_mm256_load_ps(tail), mv)));
+    std::copy(tail, tail + (n - t), x + t);
   }
-  float sum = hsum256(sv);
-  for (; t < n; ++t) {
-    x[t] = std::exp(x[t] - m);
-    sum += x[t];
-  }
-  return sum;
+  return sum_in_order(x, n);
 }
 
 BITNET_A48_AVX2 static float max_value_avx2(const float* x, int64_t n) {
@@ -590,20 +591,13 @@ BITNET_A48_AVX512 static void values_dense_avx512(const float* p, int64_t ld, in
 
 BITNET_A48_AVX512 static float exp_sum_avx512(float* x, int64_t n, float m) {
   const __m512 mv = _mm512_set1_ps(m);
-  __m512 sv = _mm512_setzero_ps();
   int64_t t = 0;
-  for (; t + 16 <= n; t += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + t), mv));
-    _mm512_storeu_ps(x + t, e);
-    sv = _mm512_add_ps(sv, e);
-  }
+  for (; t + 16 <= n; t += 16) _mm512_storeu_ps(x + t, exp512(_mm512_sub_ps(_mm512_loadu_ps(x + t), mv)));
   if (t < n) {
     const __mmask16 k = static_cast<__mmask16>((1u << (n - t)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + t), mv)));
-    _mm512_mask_storeu_ps(x + t, k, e);
-    sv = _mm512_add_ps(sv, e);
+    _mm512_mask_storeu_ps(x + t, k, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + t), mv)));
   }
-  return _mm512_reduce_add_ps(sv);
+  return sum_in_order(x, n);
 }
 
 BITNET_A48_AVX512 static float max_value_avx512(const float* x, int64_t n) {

@@ -11,12 +11,12 @@ Exactness against ``model.generate(do_sample=False)`` (one prompt, batch 1):
 - The projections (native ternary kernels: per-row quantisers, int32 sums), norms, RoPE and the int8 head are
   computed row by row, so a row's numbers do not depend on the other rows.
 - Attention over the default 3-bit cache (the native decode kernel) takes each (row, KV head) pair as its own work
-  item, so the other rows change nothing, but two things can change a last bit: left padding moves a row's tokens to
-  other SIMD lanes of the softmax sums (16 on AVX-512, 8 on AVX2), and a batch-1 call over 1024 or more stored
-  tokens splits the store across threads (flash-decoding partials) where a larger batch does not. A token changes
-  only where such a bit moves an activation code across a rounding boundary or decides a near-tie; the tests and
-  the benchmark find generate()'s texts. (Sums that began at each row's first unmasked token would make padding
-  invisible.)
+  item, so the other rows change nothing, and left padding (masked: exact zeros, the softmax denominator summed
+  token by token) leaves a row's output bit for bit as it is alone (tested in ``test_kernels_cpu_native_kv.py``).
+  One thing can change a last bit: a batch-1 call over 1024 or more stored tokens with several threads splits the
+  store across them (flash-decoding partials) where a larger batch does not. A token changes only where such a bit
+  moves an activation code across a rounding boundary or decides a near-tie; the tests and the benchmark find
+  generate()'s texts.
 - A dense float ``lm_head`` is a BLAS GEMM over the batch, whose sums run in another order than the GEMV of one row
   (last-bit differences, measured). For a greedy row the batched logits are used only where their argmax is certain
   to be the GEMV's: the top-2 gap must exceed twice the worst-case float error of a K-term dot product,
