@@ -6,7 +6,9 @@ Builds the packed 2B-4T-shaped model (random ternary weights, ``--layers`` decod
 forwards through that cache, first plainly (the step time) and then under ``torch.profiler``. The profile splits the
 step by operator self time:
 
-- ``ternary kernels``: the ``bitnet_a48_native`` ops of the decoder layers (quantiser and matmul in one call);
+- ``native layer ops``: the ``bitnet_a48_native`` ops of the decoder layers: the fused decode step of a layer
+  (``decoder_layer_decode``: projections, RoPE, attention and the KV append in one call) where it applies, else the
+  projections' calls (quantiser and matmul), RoPE, the KV attention and append;
 - ``lm_head``: the head's matmul (``aten::mm``/``addmm``/``linear`` on the vocabulary, or the int8 op);
 - ``outside the kernels``: every other operator and the Python between them (norms, RoPE, the cache's attention,
   residual adds, generate-free bookkeeping): the step time minus the two above.
@@ -75,24 +77,23 @@ def steps(model: BitNetA48ForCausalLM, cache: object, token: torch.Tensor, n: in
     return (time.perf_counter() - t0) / n
 
 
-# Profiler events of the projections' kernels: the native ops, and (to profile earlier versions of the package with
-# this script) torch.compile'd regions and torch._int_mm.
-KERNEL_EVENTS = ("bitnet_a48_native::ternary", "bitnet_a48_native::quantize", "Torch-Compiled Region",
-                 "aten::_int_mm")  # fmt: skip
+# Profiler events of the decoder layers' kernels: the native ops but the int8 head, and (to profile earlier versions
+# of the package with this script) torch.compile'd regions and torch._int_mm.
+KERNEL_EVENTS = ("bitnet_a48_native::", "Torch-Compiled Region", "aten::_int_mm")
 
 
 def split(prof: profile, n: int, vocab: int) -> dict[str, float]:
-    """ms per step of the native ternary ops and of the lm_head, from the profile's operator self times."""
+    """ms per step of the native decoder-layer ops and of the lm_head, from the profile's operator self times."""
     kernels = head = 0.0
     for evt in prof.key_averages(group_by_input_shape=True):
         ms = evt.self_cpu_time_total / 1e3 / n
-        if evt.key.startswith(KERNEL_EVENTS):
-            kernels += ms
-        elif evt.key == "bitnet_a48_native::int8_linear" or (
+        if evt.key == "bitnet_a48_native::int8_linear" or (
             evt.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")
             and any(str(vocab) in str(s) for s in evt.input_shapes)
         ):
             head += ms
+        elif evt.key.startswith(KERNEL_EVENTS):
+            kernels += ms
     return {"kernels": kernels, "head": head}
 
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
           f"context {args.context}, {'int8' if args.int8_head else 'bf16'} head")
     print("| part | ms / step | share |")
     print("|---|---:|---:|")
-    for name, ms in (("ternary kernels", parts["kernels"]), ("lm_head", parts["head"]),
+    for name, ms in (("native layer ops", parts["kernels"]), ("lm_head", parts["head"]),
                      ("outside the kernels", outside), ("step", step_ms)):  # fmt: skip
         print(f"| {name} | {ms:.2f} | {ms / step_ms:.0%} |")
 
