@@ -265,17 +265,10 @@ class BitNetA48QuantizedLayer(CacheLayerMixin):
         dtype, fp16 scales, positions (if any) a (1 or B, 1) int64 CPU tensor. Else the torch code below runs (and
         checks)."""
         return (
-            self.native
-            and key_states.shape[2] == 1
-            and self.k_window.shape[2] == self.window
-            and self.k_window.is_contiguous()
-            and self.v_window.is_contiguous()
-            and key_states.device.type == "cpu"
-            and key_states.dtype == self.dtype
-            and value_states.dtype == self.dtype
-            and self.scale_dtype == torch.float16
-            and _decode_positions(position_ids, self.batch_size)
-            and native_available()
+            key_states.shape[2] == 1
+            and key_states.is_cpu
+            and value_states.dtype == key_states.dtype
+            and self.native_decode_step(key_states.dtype, position_ids)
         )
 
     def native_decode_step(self, dtype: torch.dtype, position_ids: torch.Tensor | None) -> bool:
