@@ -81,6 +81,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     engine, server = create_server(
         served_model, served_tokenizer, MODEL_NAME, port=port, max_batch_size=MAX_BATCH, max_queue=MAX_QUEUE
     )
+    engine.start()
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     assert wait_until(lambda: server.started, STARTUP_S), "the server did not start"
@@ -448,8 +449,10 @@ def test_packed_and_converted_tokenizers_get_the_default_chat_template_unless_th
         assert packed.chat_template == (DEFAULT_CHAT_TEMPLATE if template is None else template)
 
 
-def test_python_m_serve_runs_until_interrupted(served: Served) -> None:
-    """`python -m bitnet_a48.serve FOLDER` (what `bitnet-a48 serve` runs): serves, then exits 0 on Ctrl-C."""
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_python_m_serve_runs_until_interrupted(served: Served, signal_name: str) -> None:
+    """`python -m bitnet_a48.serve FOLDER` (what `bitnet-a48 serve` runs): serves, then exits 0 on Ctrl-C or
+    SIGTERM."""
     import signal
 
     port = _free_port()
@@ -469,7 +472,20 @@ def test_python_m_serve_runs_until_interrupted(served: Served) -> None:
         reply = client.completions.create(model="cli-model", prompt=PROMPTS[1], max_tokens=8, temperature=0)
         assert reply.choices[0].text == generate_text(served, prompt_ids(served, PROMPTS[1]), 8)[0]
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, signal_name))
         out, err = process.communicate(timeout=30)
     assert process.returncode == 0, err
     assert f"on http://127.0.0.1:{port}/v1" in out
+
+
+def test_a_taken_port_is_a_one_line_error(served: Served, capsys: pytest.CaptureFixture) -> None:
+    """The HTTP server runs in a thread and the engine here: a server that cannot bind ends both, exit code 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(served.folder), "--port", str(port), "--log-level", "critical"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"bitnet-a48 serve: error: the HTTP server could not start on 127.0.0.1:{port} ")

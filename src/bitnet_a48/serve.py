@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 DTYPE_CHOICES = ("auto", "bf16", "fp32")
@@ -113,8 +115,9 @@ def create_server(
     max_queue: int = 64,
     log_level: str = "warning",
 ) -> tuple[Any, Any]:
-    """An engine (started) and a ``uvicorn.Server`` for ``model``; run the server with ``server.run()`` (blocks) and
-    stop the engine with ``engine.stop()`` afterwards."""
+    """An engine (not started) and a ``uvicorn.Server`` for ``model``. ``cmd_serve`` runs the server in a thread and
+    the engine in the main thread (``engine.run()``, see ``BatchingEngine.start`` for why); in-process users may
+    instead call ``engine.start()`` and ``server.run()``, and ``engine.stop()`` afterwards."""
     import uvicorn
 
     from .serving_app import build_app
@@ -123,8 +126,40 @@ def create_server(
     engine = BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     app = build_app(engine, model_name, context_length=model.config.max_position_embeddings)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
-    engine.start()
     return engine, server
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_until_interrupted(engine: Any, server: Any, address: str) -> None:
+    """Serve HTTP from a thread and run the engine here (the thread that loaded the model) until Ctrl-C or SIGTERM;
+    a server that fails to start (e.g. the port is taken) stops the engine and raises ``OSError``."""
+
+    def http() -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn's exit on a failed startup (logged by uvicorn); reported below as OSError
+            pass
+        finally:  # however the server ends, the engine ends too
+            engine.stop()
+
+    thread = threading.Thread(target=http, name="bitnet-a48-http", daemon=True)
+    in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main else None
+    thread.start()
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+        server.should_exit = True
+        thread.join(10)
+    if not server.started:
+        raise OSError(f"the HTTP server could not start on {address} (see uvicorn's message above)")
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -151,12 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         f"(batch {args.max_batch_size}, queue {args.max_queue}, {torch.get_num_threads()} threads)",
         flush=True,
     )
-    try:
-        server.run()
-    except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal: done
-        pass
-    finally:
-        engine.stop()
+    run_until_interrupted(engine, server, f"{args.host}:{args.port}")
     return {"model": name, "host": args.host, "port": args.port}
 
 

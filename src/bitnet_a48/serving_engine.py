@@ -303,19 +303,38 @@ class BatchingEngine:
             }
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="bitnet-a48-engine", daemon=True)
+        """Run the engine in a background thread (tests, in-process use). ``bitnet-a48 serve`` calls :meth:`run` in
+        the main thread instead: libgomp keeps one spinning thread team per thread that runs parallel regions, and
+        with more team threads than CPUs it stops spinning between regions (its throttled wait), which made a 2-thread
+        decode step 25% slower when the model had also run in the main thread (loading, warm-up)."""
+        self._thread = threading.Thread(target=self.run, name="bitnet-a48-engine", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask the loop to end after its current step; wait for the thread :meth:`start` made, if any."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     # -- the worker ---------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The loop: admit, prefill, decode, until :meth:`stop`; blocks the calling thread. Whatever ends it (a stop,
+        ``KeyboardInterrupt``), the sequences still running or waiting get a shutting-down error."""
+        try:
+            self._loop()
+        finally:
+            with self._cond:
+                self._stopping = True
+                for seq in [*self.active, *self.waiting]:
+                    if not seq.cancelled:
+                        seq.emit(("error", seq.index, "the server is shutting down"))
+                self.active, self.cache = [], None
+                self.waiting.clear()
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._stopping and not self.waiting and not self.active:
@@ -348,11 +367,6 @@ class BatchingEngine:
                     if not seq.cancelled:
                         seq.emit(("error", seq.index, message))
                         seq.cancelled = True
-        with self._cond:
-            for seq in [*self.active, *self.waiting]:
-                seq.emit(("error", seq.index, "the server is shutting down"))
-            self.active, self.cache = [], None
-            self.waiting.clear()
 
     def _prefill(self, group: list[Sequence]) -> None:
         """Prompts of one length, as generate() runs a prompt: a fresh default cache, positions 0..n-1, no padding
