@@ -106,6 +106,9 @@ def _prepare(args: argparse.Namespace, preset: dict[str, Any], resume: str | Non
         dataset_config=args.dataset_config,
         dataset_split=args.dataset_split,
         max_documents=args.max_documents,
+        streaming=getattr(args, "streaming", False),
+        cache_dir=getattr(args, "data_cache_dir", None),
+        num_proc=getattr(args, "num_proc", None),
     )
 
 
@@ -162,6 +165,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-steps", type=int, default=0, help="write a resumable checkpoint every N steps")
     _add_schedule_options(p)
     _add_data_options(p)
+    g = p.add_argument_group("data pipeline")
+    g.add_argument("--streaming", action="store_true",
+                   help="tokenise and pack while training, nothing cached (corpora larger than the disk); the "
+                        "training blocks go through a 1024-block shuffle buffer instead of one permutation")
+    g.add_argument("--data-cache-dir", default=None,
+                   help="where tokens and blocks are cached (default: $BITNET_A48_DATA_CACHE or bitnet_a48 under "
+                        "the datasets cache, ~/.cache/huggingface/datasets)")
+    g.add_argument("--num-proc", type=int, default=None, help="processes of the tokenisation map (default: 1)")
     p.set_defaults(func=cmd_train)
 
 
@@ -215,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.output_dir)
     ppl = evaluate_perplexity(result.model, data.validation, batch_size=recipe.batch_size,
                               max_blocks=preset["final_eval_blocks"])
-    sparsity = measure_sparsity(result.model, data.validation.blocks)
+    sparsity = measure_sparsity(result.model, data.validation.select_blocks(64))
     save_model_and_tokenizer(result.model, data.tokenizer, out / "final")
     plot_loss_curves({RECIPE_LABELS[recipe.recipe]: result.log_history}, out / "loss_curve.png",
                      switch_step=result.switch_step if recipe.recipe == "a4.8" else None)
@@ -285,7 +296,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
     tokens: dict[str, int] = {}
     seconds: dict[str, float] = {"tokenizer": data.tokenizer_seconds}
     histories: dict[str, list[dict[str, float]]] = {}
-    sparsity_blocks = data.validation.blocks[:64]
+    sparsity_blocks = data.validation.select_blocks(64)
     final_model = None
     for name, recipe in recipes.items():
         act = "relu2" if name == "a4.8" else args.baseline_act
@@ -359,7 +370,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict[str, Any]:
         "reloaded_perplexity_check": {"saved": saved_ppl, "reloaded": reload_ppl},
         "switch_step": switch,
         "preset": args.preset,
-        "model": {**preset["model"], "vocab_size": len(data.tokenizer), "seq_len": data.train.blocks.shape[1]},
+        "model": {**preset["model"], "vocab_size": len(data.tokenizer), "seq_len": data.train.seq_len},
         "recipe": {k: v for k, v in vars(recipes["a4.8"]).items() if k != "recipe"},
         "data": data.description,
         "torch_threads": torch.get_num_threads(),

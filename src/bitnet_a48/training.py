@@ -53,10 +53,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .configuration_bitnet_a48 import PRESETS as MODEL_PRESETS
 from .data import PackedDataset
 from .resume import (
-    blocks_sha256,
     check_resume,
     config_fingerprint,
-    documents_sha256,
     last_complete_checkpoint,
     recipe_fingerprint,
     remove_resume_file,
@@ -287,8 +285,8 @@ class BitNetTrainer(Trainer):
         return self.lr_scheduler
 
     def _get_train_sampler(self, train_dataset: torch.utils.data.Dataset | None = None) -> torch.utils.data.Sampler:
-        # The blocks are shuffled once with the seed (data.pack_documents); reading them in order makes the global
-        # batches identical for any number of processes.
+        # The blocks are shuffled once with the seed (data.PackedDataset's order); reading them in order makes the
+        # global batches identical for any number of processes.
         return torch.utils.data.SequentialSampler(self.train_dataset if train_dataset is None else train_dataset)
 
 
@@ -356,7 +354,7 @@ class TrainResult:
 def train_recipe(
     model: PreTrainedModel,
     recipe: RecipeConfig,
-    train_dataset: PackedDataset,
+    train_dataset: PackedDataset | torch.utils.data.IterableDataset,
     eval_dataset: PackedDataset | None,
     output_dir: str | Path,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -379,10 +377,10 @@ def train_recipe(
             already taken ran in the same quant modes.
     """
     if recipe.eval_blocks and eval_dataset is not None and len(eval_dataset) > recipe.eval_blocks:
-        eval_dataset = PackedDataset(eval_dataset.blocks[: recipe.eval_blocks])
+        eval_dataset = PackedDataset(eval_dataset.select_blocks(recipe.eval_blocks))
     known = fingerprint or {}
     run_fingerprint = {
-        "data": {**known.get("data", {}), "train_blocks_sha256": blocks_sha256(train_dataset.blocks)},
+        "data": {**known.get("data", {}), "train_blocks_sha256": train_dataset.content_sha256()},
         "tokenizer": {**known.get("tokenizer", {}),
                       "sha256": tokenizer_sha256(tokenizer) if tokenizer is not None else None},
         "model_config": config_fingerprint(model.config),
@@ -432,7 +430,7 @@ def train_recipe(
         model=model,
         log_history=list(trainer.state.log_history),
         steps=steps,
-        tokens=steps * recipe.batch_size * train_dataset.blocks.shape[1],
+        tokens=steps * recipe.batch_size * train_dataset.seq_len,
         seconds=seconds,
         switch_step=recipe.switch_step,
         stage1_state=stages.stage1_state,
@@ -454,10 +452,10 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    blocks = dataset.blocks if max_blocks is None else dataset.blocks[:max_blocks]
+    stop = len(dataset) if max_blocks is None else min(len(dataset), max_blocks)
     total, count = 0.0, 0
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size].to(device)
+    for start in range(0, stop, batch_size):
+        batch = dataset.select_blocks(min(batch_size, stop - start), start).to(device)
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         n = batch.shape[0] * (batch.shape[1] - 1)
         total += loss.float().item() * n
@@ -526,12 +524,15 @@ def recipe_dict(recipe: RecipeConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+STREAMING_BPE_CHARS = 200_000_000  # text a BPE is trained on when the corpus is streamed
+
+
 @dataclass
 class PreparedData:
     """Tokenizer and packed splits of a corpus, built before any model exists (bad input fails here)."""
 
     tokenizer: PreTrainedTokenizerBase
-    train: PackedDataset
+    train: PackedDataset | torch.utils.data.IterableDataset  # data_pipeline.StreamingPackedDataset when streaming
     validation: PackedDataset
     description: str
     tokenizer_seconds: float
@@ -546,42 +547,57 @@ def prepare_data(
     seed: int = 0,
     validation_every: int = 10,
     tokenizer_from: str | Path | None = None,
+    streaming: bool = False,
+    cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
     **load_kwargs: Any,
 ) -> PreparedData:
-    """Load and split the corpus, train (or load) the tokenizer on the training split, pack both splits.
+    """Read and split the corpus, train (or load) the tokenizer on the training split, pack both splits, all through
+    data_pipeline.CorpusPipeline (cached in `cache_dir`; `streaming`: packed on the fly while training).
 
     ``tokenizer_from``: a folder holding the tokenizer that `tokenizer_name` / `vocab_size` gave before (a
     checkpoint's, on resume), loaded instead of loading or training one again; the fingerprint still records
-    `tokenizer_name` and `vocab_size`, so that a resume can compare them with the checkpoint's.
+    `tokenizer_name` and `vocab_size`, so that a resume can compare them with the checkpoint's. A BPE trained here is
+    kept in the cache; with `streaming`, it is trained on the first `STREAMING_BPE_CHARS` characters of the stream.
     """
-    from .data import load_corpus, pack_documents
+    from .data_pipeline import CorpusOptions, CorpusPipeline
     from .tokenization_bitnet_a48 import load_tokenizer, train_bpe_tokenizer
 
-    corpus = load_corpus(source, validation_every=validation_every, **load_kwargs)
+    pipeline = CorpusPipeline(CorpusOptions(source, validation_every=validation_every, **load_kwargs),
+                              cache_dir=cache_dir, num_proc=num_proc)
     start = time.perf_counter()
     if tokenizer_from is not None:
         tokenizer = load_tokenizer(str(tokenizer_from))
     elif tokenizer_name:
         tokenizer = load_tokenizer(tokenizer_name)
+    elif streaming:
+        tokenizer = train_bpe_tokenizer(pipeline.stream_train_texts(STREAMING_BPE_CHARS), vocab_size=vocab_size)
     else:
-        tokenizer = train_bpe_tokenizer((d.text for d in corpus.train), vocab_size=vocab_size)
+        tokenizer = pipeline.bpe_tokenizer(vocab_size)
     tokenizer_seconds = time.perf_counter() - start
-    train = pack_documents(tokenizer, corpus.train, seq_len, shuffle_seed=seed, what="training split")
-    validation = pack_documents(tokenizer, corpus.validation, seq_len, what="validation split")
-    description = (
-        f"{corpus.describe()}; {train.num_tokens:,} training and {validation.num_tokens:,} validation tokens "
-        f"in blocks of {seq_len}; vocabulary {len(tokenizer)}"
-    )
+    if streaming:
+        splits = pipeline.stream(tokenizer, seq_len, shuffle_seed=seed)
+        description = (f"{source} (streamed): {len(splits.validation)} validation blocks held, training blocks "
+                       f"packed while training; blocks of {seq_len}; vocabulary {len(tokenizer)}")
+    else:
+        splits = pipeline.pack(tokenizer, seq_len, shuffle_seed=seed)
+        train, validation = splits.stats["train"], splits.stats["validation"]
+        description = (
+            f"{source}: {train['documents']} training documents ({train['characters'] / 1e6:.2f} M characters), "
+            f"{validation['documents']} validation documents ({validation['characters'] / 1e6:.2f} M characters); "
+            f"{splits.train.num_tokens:,} training and {splits.validation.num_tokens:,} validation tokens in blocks "
+            f"of {seq_len}; vocabulary {len(tokenizer)}{' (cached)' if splits.reused else ''}"
+        )
     fingerprint = {
         "data": {
             "source": os.path.abspath(os.path.expanduser(source)) if os.path.exists(source) else source,
             **load_kwargs, "validation_every": validation_every, "seq_len": seq_len, "shuffle_seed": seed,
-            "train_documents_sha256": documents_sha256(corpus.train),
-            "validation_documents_sha256": documents_sha256(corpus.validation),
+            "streaming": streaming, "train_blocks_sha256": splits.train.content_sha256(),
+            "validation_blocks_sha256": splits.validation.content_sha256(),
         },
         "tokenizer": {"name": tokenizer_name or None, "bpe_vocab_size": None if tokenizer_name else vocab_size},
     }
-    return PreparedData(tokenizer, train, validation, description, tokenizer_seconds, fingerprint)
+    return PreparedData(tokenizer, splits.train, splits.validation, description, tokenizer_seconds, fingerprint)
 
 
 def build_model(
