@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -474,6 +475,7 @@ class CorpusPipeline:
             return meta["files"]
         docs, count = self.documents()
         folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
         tokens = docs.map(
             _tokenize_batch, batched=True, batch_size=MAP_BATCH, with_indices=True, remove_columns=docs.column_names,
             fn_kwargs={"tokenizer": tokenizer, "text_field": "text" if "doc" in docs.column_names else self._text_field,
@@ -483,7 +485,8 @@ class CorpusPipeline:
         )
         files = [f["filename"] for f in tokens.cache_files]
         _write_json(folder / "tokens.json", {"tokenizer_sha256": sha, "vocab_size": len(tokenizer), "files": files,
-                                             "pieces": len(tokens), "documents": count})
+                                             "pieces": len(tokens), "documents": count,
+                                             "seconds": time.perf_counter() - start, "num_proc": self.num_proc or 1})
         return files
 
     def pack(self, tokenizer: PreTrainedTokenizerBase, seq_len: int, shuffle_seed: int | None = 0) -> PackedSplits:
@@ -507,6 +510,7 @@ class CorpusPipeline:
     def _write_blocks(self, tokenizer: PreTrainedTokenizerBase, files: list[str], out: Path,
                       seq_len: int) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
         every = self.options.validation_every
         splits = ("train", "validation")
         packers = {s: BlockPacker(seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id) for s in splits}
@@ -536,6 +540,7 @@ class CorpusPipeline:
             writers[split].write(packers[split].finish())
             meta[split] = {**stats[split], "tokens": packers[split].num_tokens, "blocks": writers[split].count,
                            "sha256": writers[split].close()}
+        meta["seconds"] = time.perf_counter() - start
         _write_json(out / "blocks.json", meta)
         return meta
 
