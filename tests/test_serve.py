@@ -28,6 +28,8 @@ from torch import nn
 from transformers import pipeline
 
 from bitnet_a48 import create_model
+from bitnet_a48.head_native import MAX_NATIVE_HEAD_ROWS, head_logits
+from bitnet_a48.kernels_cpu_native import native_available
 from bitnet_a48.serve import add_serve_parser, create_server, load_for_serving, main
 from bitnet_a48.serving_engine import CertifiedHead, SamplingParams, Sequence, wait_until
 from bitnet_a48.tokenization_bitnet_a48 import DEFAULT_CHAT_TEMPLATE, train_bpe_tokenizer
@@ -386,21 +388,46 @@ def test_serve_parser_and_light_import() -> None:
 
 
 def test_certified_head_recomputes_near_ties_alone() -> None:
+    """More rows than the native GEMV takes: a BLAS GEMM, whose near-tie rows are recomputed alone."""
     torch.manual_seed(0)
+    rows = MAX_NATIVE_HEAD_ROWS + 12
     head = nn.Linear(64, 101, bias=False)
-    hidden = torch.randn(8, 1, 64)
+    hidden = torch.randn(rows, 1, 64)
     with torch.no_grad():
         head.weight[7] = head.weight[5] + 1e-7  # rows 5 and 7 tie within float error for every input
         hidden[:4] = head.weight[5] * 4  # ... and these inputs make them the top two
     certified = CertifiedHead(head)
-    logits = certified(hidden, [True] * 8)
-    alone = torch.cat([head(hidden[i : i + 1].clone())[:, -1] for i in range(8)])
-    assert certified.recomputed == 4
-    assert torch.equal(logits[:4], alone[:4])  # recomputed rows are the one-row call, bit for bit
+    with torch.no_grad():
+        logits = certified(hidden, [True] * rows)
+        alone = torch.cat([head_logits(head, hidden[i : i + 1].clone())[:, -1] for i in range(rows)])
+    tied = [set(row) == {5, 7} for row in alone.topk(2, dim=-1).indices.tolist()]  # the first 4, and random rows
+    assert tied[:4] == [True] * 4 and certified.recomputed == sum(tied)
+    assert rows - sum(tied) > MAX_NATIVE_HEAD_ROWS  # the check below stays on the GEMM path
+    tied_rows = torch.tensor(tied)
+    assert torch.equal(logits[tied_rows], alone[tied_rows])  # recomputed rows are the one-row call, bit for bit
     assert torch.equal(logits.argmax(-1), alone.argmax(-1))
     certified.recomputed = 0
-    certified(hidden[4:], [True] * 4)
+    with torch.no_grad():
+        certified(hidden[~tied_rows], [True] * (rows - sum(tied)))
     assert certified.recomputed == 0, "rows with a clear maximum must not be recomputed"
+
+
+@pytest.mark.skipif(not native_available(), reason="needs the native kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_certified_head_takes_the_native_gemv_as_it_is(dtype: torch.dtype) -> None:
+    """Up to MAX_NATIVE_HEAD_ROWS rows the head is the native GEMV, whose per-row sums the batch does not change: no
+    row is recomputed, and every row equals the one-row call bit for bit, near ties included."""
+    torch.manual_seed(0)
+    head = nn.Linear(64, 101, bias=False).to(dtype)
+    hidden = torch.randn(8, 1, 64).to(dtype)
+    with torch.no_grad():
+        head.weight[7] = head.weight[5]
+        hidden[:4] = head.weight[5] * 4
+        certified = CertifiedHead(head)
+        logits = certified(hidden, [True] * 8)
+        alone = torch.cat([head_logits(head, hidden[i : i + 1].clone())[:, -1] for i in range(8)]).float()
+    assert certified.recomputed == 0
+    assert torch.equal(logits, alone)
 
 
 def test_transformers_serve_works_once_architectures_names_an_auto_class(served: Served, tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ from pathlib import Path
 
 import torch
 
+from .kernels_cpu_native_dense_source import DENSE_CPP_SOURCE
 from .kernels_cpu_native_kv_source import KV_CPP_SOURCE
 from .kernels_cpu_native_layer_source import LAYER_CPP_SOURCE
 from .kernels_cpu_native_source import CPP_SOURCE
@@ -71,8 +72,8 @@ ISA_ENV = "BITNET_A48_CPU_ISA"
 CACHE_ENV = "BITNET_A48_CACHE_DIR"
 
 # One translation unit: the ternary and int8 kernels, the attention and KV-cache kernels (which use the first part's
-# helpers), and the fused decode step of a decoder layer (which calls both).
-SOURCE = CPP_SOURCE + KV_CPP_SOURCE + LAYER_CPP_SOURCE
+# helpers), the fused decode step of a decoder layer (which calls both) and the dense head GEMV.
+SOURCE = CPP_SOURCE + KV_CPP_SOURCE + LAYER_CPP_SOURCE + DENSE_CPP_SOURCE
 # No -march (ISA paths carry their own target attributes) and no implicit FMA contraction: the ops that equal torch
 # bit for bit round every product and sum as torch does.
 CXX_FLAGS = ("-shared", "-fPIC", "-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off")
@@ -168,6 +169,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("bitnet_a48_native::decoder_layer_decode")
     def _(hidden: torch.Tensor, *args: object) -> torch.Tensor:
         return torch.empty_like(hidden, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("bitnet_a48_native::dense_linear")
+    def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("bitnet_a48_native::int8_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -306,6 +311,11 @@ def ternary_matmul_native(
 def int8_linear_native(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``int8_linear.int8_linear_torch`` in one native call."""
     return torch.ops.bitnet_a48_native.int8_linear(x, weight, weight_scale)
+
+
+def dense_linear_native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K]^T`` in ``x``'s dtype (fp32 or bf16), fp32 sums (kernels_cpu_native_dense_source)."""
+    return torch.ops.bitnet_a48_native.dense_linear(x, weight)
 
 
 def kv_decode_attention_native(

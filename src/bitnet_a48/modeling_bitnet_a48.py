@@ -33,6 +33,7 @@ from .cache_bitnet_a48 import make_generation_cache
 from .checkpoint_files import validate_safetensors_files
 from .configuration_bitnet_a48 import BitNetA48Config
 from .decode_native import decoder_layer_decode
+from .head_native import head_logits
 from .kernels_cpu_native import rope_native
 from .packed_bitlinear import NATIVE_DTYPES, PackedBitLinear, fused_projection, has_forward_hooks, project_shared_input
 from .projections import INTERMEDIATE, QUERY, Projection, dimension, is_projection, projections_of
@@ -517,7 +518,7 @@ class BitNetA48ForCausalLM(BitNetA48PreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep > 0 else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head(hidden_states)
+        logits = head_logits(self.lm_head, hidden_states)  # a decode step's few rows: the native GEMV
 
         loss = None
         if labels is not None:

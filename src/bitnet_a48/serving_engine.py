@@ -17,11 +17,13 @@ Exactness against ``model.generate(do_sample=False)`` (one prompt, batch 1):
   store across them (flash-decoding partials) where a larger batch does not. A token changes only where such a bit
   moves an activation code across a rounding boundary or decides a near-tie; the tests and the benchmark find
   generate()'s texts.
-- A dense float ``lm_head`` is a BLAS GEMM over the batch, whose sums run in another order than the GEMV of one row
-  (last-bit differences, measured). For a greedy row the batched logits are used only where their argmax is certain
-  to be the GEMV's: the top-2 gap must exceed twice the worst-case float error of a K-term dot product,
-  ``gamma_K · ||w||₂ · ||x||₂`` per logit (plus the output rounding for bf16 / fp16). Other greedy rows are
-  recomputed alone, with the call ``generate()`` makes, so the head adds no difference.
+- A dense float ``lm_head`` goes, as in ``generate()``, through ``head_native.head_logits``: for up to
+  ``MAX_NATIVE_HEAD_ROWS`` rows of fp32 / bf16 that is the native GEMV, whose sums per row do not depend on the
+  batch. Otherwise (more rows, fp16, no native kernels) it is a BLAS GEMM over the batch, whose sums run in another
+  order than the GEMV of one row (last-bit differences, measured). For a greedy row those batched logits are used
+  only where their argmax is certain to be the one-row call's: the top-2 gap must exceed twice the worst-case float
+  error of a K-term dot product, ``gamma_K · ||w||₂ · ||x||₂`` per logit (plus the output rounding for bf16 / fp16).
+  Other greedy rows are recomputed alone, with the call ``generate()`` makes, so the head adds no difference.
 - A full-precision (``DynamicCache``) model is batched the same way, but its padded attention goes through SDPA,
   whose sums depend on the length.
 
@@ -43,6 +45,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .cache_bitnet_a48 import _ROW_TENSORS, BitNetA48QuantizedLayer, make_generation_cache
+from .head_native import head_logits, native_head_applies
 from .int8_linear import Int8Linear
 
 FP32_UNIT_ROUNDOFF = 2.0**-24
@@ -195,9 +198,9 @@ class CertifiedHead:
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor, greedy: list[bool]) -> torch.Tensor:
         """``hidden`` (B, 1, D) -> logits (B, V) in fp32."""
-        logits = self.head(hidden)[:, -1].float()
-        if self.row_exact or hidden.shape[0] == 1 or not any(greedy):  # one row: the very call generate() makes
-            return logits
+        logits = head_logits(self.head, hidden)[:, -1].float()
+        if self.row_exact or hidden.shape[0] == 1 or not any(greedy) or native_head_applies(self.head, hidden):
+            return logits  # one row (the very call generate() makes), or sums per row that the batch cannot change
         top = logits.topk(2, dim=-1).values  # (B, 2)
         gap = (top[:, 0] - top[:, 1]).double()
         bound = 2.0 * self.error_per_input_norm * hidden[:, -1].double().norm(dim=-1)
@@ -208,7 +211,7 @@ class CertifiedHead:
         for row, (is_greedy, is_unsure) in enumerate(zip(greedy, unsure, strict=True)):
             if is_greedy and is_unsure:
                 alone = hidden[row : row + 1].clone()  # a fresh (1, 1, D) tensor, as generate()'s last hidden state
-                logits[row] = self.head(alone)[0, -1].float()
+                logits[row] = head_logits(self.head, alone)[0, -1].float()
                 self.recomputed += 1
         return logits
 
