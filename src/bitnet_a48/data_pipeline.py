@@ -29,9 +29,11 @@ several processes build and the others reuse.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -61,8 +63,8 @@ from .data import (
 from .resume import tokenizer_sha256
 
 PIPELINE_VERSION = 1  # part of every cache key: bump when what a stage writes changes
-PIECE_CHARS = 1 << 16  # longest piece of text tokenised at once (bounds the memory of one batch)
-MAP_BATCH = 128  # pieces per tokenisation batch: at most 8 M characters
+PIECE_CHARS = 1 << 14  # longest piece of text tokenised at once
+MAP_BATCH = 16  # pieces per tokenisation batch: at most 256 K characters, their tokens as Python lists
 ARROW_SUFFIXES = (".arrow",)
 CACHE_ENV = "BITNET_A48_DATA_CACHE"
 _FLUSH_TOKENS = 1 << 22  # blocks are written in record batches of about this many tokens
@@ -174,7 +176,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], tokenizer: PreTr
         for piece in text_pieces(str(text), limit):
             texts.append(piece)
             docs.append(doc)
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False, return_attention_mask=False)["input_ids"]
     return {"input_ids": ids, "doc": docs, "chars": [len(t) for t in texts]}
 
 
@@ -254,6 +256,19 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _progress_disabled() -> bool:
     return not datasets.utils.is_progress_bar_enabled()
+
+
+@contextlib.contextmanager
+def _terminal_bars() -> Iterator[None]:
+    """Progress bars (ours and `datasets`') only on a terminal: a log or a captured stderr gets none."""
+    hide = datasets.utils.is_progress_bar_enabled() and not sys.stderr.isatty()
+    if hide:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            datasets.enable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -447,7 +462,7 @@ class CorpusPipeline:
         from .tokenization_bitnet_a48 import train_bpe_tokenizer, wrap_tokenizer
 
         path = self.cache / f"tokenizer-bpe{vocab_size}.json"
-        with FileLock(str(self.cache_root / f"{self.key}.lock")):
+        with FileLock(str(self.cache_root / f"{self.key}.lock")), _terminal_bars():
             if path.is_file():
                 return wrap_tokenizer(Tokenizer.from_file(str(path)))
             tokenizer = train_bpe_tokenizer(self.train_texts(), vocab_size=vocab_size)
@@ -496,7 +511,7 @@ class CorpusPipeline:
             raise ValueError(f"seq_len must be at least 2, got {seq_len}")
         folder, sha = self._tokens_dir(tokenizer)
         out = folder / f"blocks-{seq_len}"
-        with FileLock(str(self.cache_root / f"{self.key}.lock")):
+        with FileLock(str(self.cache_root / f"{self.key}.lock")), _terminal_bars():
             meta = _read_json(out / "blocks.json")
             reused = meta is not None
             if meta is None:
