@@ -9,7 +9,8 @@ step by operator self time:
 - ``native layer ops``: the ``bitnet_a48_native`` ops of the decoder layers: the fused decode step of a layer
   (``decoder_layer_decode``: projections, RoPE, attention and the KV append in one call) where it applies, else the
   projections' calls (quantiser and matmul), RoPE, the KV attention and append;
-- ``lm_head``: the head's matmul (``aten::mm``/``addmm``/``linear`` on the vocabulary, or the int8 op);
+- ``lm_head``: the head's matmul (the native dense GEMV or int8 op, or ``aten::mm``/``addmm``/``linear`` on the
+  vocabulary);
 - ``outside the kernels``: every other operator and the Python between them (norms, RoPE, the cache's attention,
   residual adds, generate-free bookkeeping): the step time minus the two above.
 
@@ -87,7 +88,7 @@ def split(prof: profile, n: int, vocab: int) -> dict[str, float]:
     kernels = head = 0.0
     for evt in prof.key_averages(group_by_input_shape=True):
         ms = evt.self_cpu_time_total / 1e3 / n
-        if evt.key == "bitnet_a48_native::int8_linear" or (
+        if evt.key in ("bitnet_a48_native::int8_linear", "bitnet_a48_native::dense_linear") or (
             evt.key in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul")
             and any(str(vocab) in str(s) for s in evt.input_shapes)
         ):
