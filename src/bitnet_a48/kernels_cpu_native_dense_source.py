@@ -21,6 +21,8 @@ namespace bitnet_a48 {
 
 // Weight rows per parallel chunk (each row is K values: 5 KB for the 2B-4T head in bf16).
 constexpr int64_t kDenseRowGrain = 64;
+// Software prefetch distance into the weight stream (rows are contiguous: it runs on into the next rows).
+constexpr int64_t kDensePrefetchBytes = 4096;
 
 inline float load_weight_scalar(const float* w, int64_t k) { return w[k]; }
 inline float load_weight_scalar(const c10::BFloat16* w, int64_t k) { return static_cast<float>(w[k]); }
@@ -53,7 +55,14 @@ __attribute__((target("avx512f,avx512bw"))) static float dense_dot_avx512(const 
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   const __mmask16 all = 0xFFFF;
   int64_t k = 0;
+  const char* ahead = reinterpret_cast<const char*>(w) + kDensePrefetchBytes;
   for (; k + 64 <= K; k += 64) {
+    _mm_prefetch(ahead + k * sizeof(T), _MM_HINT_T0);  // 64 values: 2 (bf16) or 4 (fp32) cache lines
+    _mm_prefetch(ahead + k * sizeof(T) + 64, _MM_HINT_T0);
+    if (sizeof(T) == 4) {
+      _mm_prefetch(ahead + k * sizeof(T) + 128, _MM_HINT_T0);
+      _mm_prefetch(ahead + k * sizeof(T) + 192, _MM_HINT_T0);
+    }
     for (int i = 0; i < 4; ++i)
       acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * i), load16_avx512(w + k + 16 * i, all), acc[i]);
   }
@@ -74,7 +83,10 @@ template <typename T>
 __attribute__((target("avx2,fma"))) static float dense_dot_avx2(const float* x, const T* w, int64_t K) {
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t k = 0;
+  const char* ahead = reinterpret_cast<const char*>(w) + kDensePrefetchBytes;
   for (; k + 32 <= K; k += 32) {
+    _mm_prefetch(ahead + k * sizeof(T), _MM_HINT_T0);  // 32 values: 1 (bf16) or 2 (fp32) cache lines
+    if (sizeof(T) == 4) _mm_prefetch(ahead + k * sizeof(T) + 64, _MM_HINT_T0);
     for (int i = 0; i < 4; ++i)
       acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * i), load8_avx2(w + k + 8 * i), acc[i]);
   }
