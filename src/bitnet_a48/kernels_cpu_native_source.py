@@ -543,6 +543,7 @@ __attribute__((target("avx2"))) static int32_t dot_int8_avx2(const int8_t* a, co
   __m256i acc = _mm256_setzero_si256();
   const int64_t kv = K - K % 32;
   for (int64_t k = 0; k < kv; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T0);
     const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + k));
     const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
     const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(av), _mm256_sign_epi8(wv, av));
@@ -558,6 +559,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static int32_t dot_int8_a
   __m512i acc = _mm512_setzero_si512();
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T0);
     const __mmask64 lanes = (K - k >= 64) ? ~__mmask64(0) : ((__mmask64(1) << (K - k)) - 1);
     const __m512i av = _mm512_maskz_loadu_epi8(lanes, a + k);
     const __m512i wv = _mm512_maskz_loadu_epi8(lanes, w + k);
