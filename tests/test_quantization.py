@@ -42,8 +42,12 @@ def test_ternary_hand_checked() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 6), dim=st.integers(1, 70), seed=st.integers(0, 10_000),
-       scale=st.sampled_from([1e-6, 1e-2, 1.0, 30.0]))
+@given(
+    rows=st.integers(1, 6),
+    dim=st.integers(1, 70),
+    seed=st.integers(0, 10_000),
+    scale=st.sampled_from([1e-6, 1e-2, 1.0, 30.0]),
+)
 def test_activation_quantisers_match_formulas(rows: int, dim: int, seed: int, scale: float) -> None:
     x = _rows((rows, dim), seed, scale)
     xf = x.double()
@@ -67,8 +71,7 @@ def test_activation_quantisers_match_formulas(rows: int, dim: int, seed: int, sc
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 5), dim=st.integers(1, 90), seed=st.integers(0, 10_000),
-       ratio=st.floats(0.01, 1.0))
+@given(rows=st.integers(1, 5), dim=st.integers(1, 90), seed=st.integers(0, 10_000), ratio=st.floats(0.01, 1.0))
 def test_topk_keeps_exactly_k(rows: int, dim: int, seed: int, ratio: float) -> None:
     x = _rows((rows, dim), seed, 1.0)
     k = math.ceil(ratio * dim)
@@ -84,8 +87,12 @@ def test_topk_keeps_exactly_k(rows: int, dim: int, seed: int, ratio: float) -> N
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 5), dim=st.integers(1, 90), seed=st.integers(0, 10_000),
-       scale=st.sampled_from([1e-3, 1.0, 100.0]))
+@given(
+    rows=st.integers(1, 5),
+    dim=st.integers(1, 90),
+    seed=st.integers(0, 10_000),
+    scale=st.sampled_from([1e-3, 1.0, 100.0]),
+)
 def test_fp4_on_e2m1_grid(rows: int, dim: int, seed: int, scale: float) -> None:
     x = _rows((rows, dim), seed, scale)
     codes, s = Q.quantize_act_fp4(x)
@@ -214,3 +221,52 @@ def test_bad_inputs() -> None:
         Q.topk_mask(torch.randn(2, 4), 0.0)
     with pytest.raises(ValueError, match="empty"):
         Q.quantize_act_int4(torch.randn(2, 0))
+
+
+def _awkward_rows(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Inputs for the training-path quantisers: Gaussian rows of awkward widths, bf16 rows with many ties, rows of
+    one repeated value, zeros, tiny and small negative values (which round to -0.0 before scaling), a 3-D batch."""
+    g = torch.Generator().manual_seed(11)
+    rows = [
+        torch.randn(shape, generator=g) * scale
+        for shape, scale in (((7, 1), 1.0), ((1, 5), 3.0), ((128, 96), 1.0), ((300, 257), 0.02), ((2, 9, 704), 5.0))
+    ]
+    rows.append(torch.randint(-3, 4, (33, 64), generator=g).float())  # few distinct values: ties everywhere
+    rows.append(
+        torch.stack(
+            [
+                torch.zeros(40),
+                torch.full((40,), -2.5),
+                torch.full((40,), 1e-9),
+                torch.linspace(-1e-3, 1.0, 40),
+                -torch.rand(40, generator=g) * 1e-3,
+            ]
+        )
+    )
+    wide = torch.randn(16, 512, generator=g) * torch.logspace(-12, 3, 512)  # a wide dynamic range per row
+    rows.append(wide[:, torch.randperm(512, generator=g)])
+    return [r.to(dtype) for r in rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["int8", "int4", "fp4", "topk_int8"])
+def test_training_path_values_equal_the_reference_bit_for_bit(name: str, dtype: torch.dtype) -> None:
+    ratios = (0.5, 0.3, 0.99, 1.0) if name == "topk_int8" else (0.5,)
+    for x in _awkward_rows(dtype):
+        for ratio in ratios:
+            fast = Q.fake_quantize_act_values(x, name, ratio)
+            codes, scale = Q.quantize_act(x, name, ratio)
+            ref = Q.dequantize(codes, scale, dtype)
+            assert fast.dtype == dtype and fast.shape == x.shape and not fast.requires_grad
+            assert torch.equal(_bits(fast), _bits(ref)), (name, tuple(x.shape), ratio, (fast - ref).abs().max())
+        w_fast = Q.fake_quantize_weight_values(x)
+        w_codes, alpha = Q.quantize_weight_ternary(x)
+        assert torch.equal(_bits(w_fast), _bits(Q.dequantize(w_codes, alpha, dtype))), tuple(x.shape)
+
+
+def test_training_path_topk_follows_the_tie_rule() -> None:
+    # Rows of bf16 with equal magnitudes at the threshold: the kept ones are the lowest indices, as in topk_mask.
+    x = torch.tensor([[1.0, -1.0, 1.0, 0.5, -1.0, 2.0], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]], dtype=torch.bfloat16)
+    fast = Q.fake_quantize_act_values(x, "topk_int8", 0.5)
+    assert ((fast != 0) == torch.tensor([[1, 1, 0, 0, 0, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)).all()
+    assert ((fast != 0) == Q.topk_mask(x, 0.5)).all()

@@ -36,7 +36,9 @@ kernels consume unchanged; ``codes / 2`` lies on the E2M1 grid and ``scale · 2`
 
 ``fake_quantize_*`` return the dequantised tensor in the input dtype with the identity straight-through
 estimator (section 2: every non-differentiable op is bypassed in backward): the forward value is ``q(x)`` exactly,
-the gradient that of ``x`` (:func:`ste`).
+the gradient that of ``x`` (:func:`ste`). Their values come from ``fake_*_values``, the training path: the same
+arithmetic as ``dequantize(quantize_*(x))`` bit for bit on finite inputs, without autograd and in fewer passes
+over the tensor (the codes stay in fp32, where they are exact, and are scaled in place).
 """
 
 from __future__ import annotations
@@ -123,10 +125,37 @@ def quantize_weight_int8_rows(weight: torch.Tensor) -> Quantized:
     return Quantized(codes.to(torch.int8), (1.0 / inv_scale).reshape(-1))
 
 
+def _is_plain(t: torch.Tensor) -> bool:
+    """A plain tensor or parameter: the in-place training path; subclasses (DTensor shards) take the reference."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _scale_codes_(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(codes, scale, dtype)`` for a fresh fp32 tensor ``t`` of integer-valued codes, scaled in place.
+
+    ``0 + t · scale`` in one pass: the product is rounded once, as in ``dequantize``, and adding +0.0 turns the -0.0
+    that rounding leaves for small negative entries into the +0.0 of an int8 code 0 (the bits stay the same).
+    """
+    torch.addcmul(t.new_zeros(()), t, scale, out=t)
+    return t.to(dtype)
+
+
+def fake_quantize_weight_values(weight: torch.Tensor) -> torch.Tensor:
+    """The value of ``Q_w(W)`` in the weight's dtype, without gradient: ``dequantize(*quantize_weight_ternary(W))``."""
+    if torch.compiler.is_compiling() or not _is_plain(weight):  # a compiled graph fuses the reference itself
+        codes, alpha = quantize_weight_ternary(weight.detach())
+        return dequantize(codes, alpha, weight.dtype)
+    with torch.no_grad():
+        w = weight.float()
+        alpha = w.abs().mean().clamp(min=QUANT_EPS)
+        t = w * (1.0 / alpha)
+        t.round_().clamp_(TERNARY_QMIN, TERNARY_QMAX)
+        return _scale_codes_(t, alpha, weight.dtype)
+
+
 def fake_quantize_weight_ternary(weight: torch.Tensor) -> torch.Tensor:
     """``Q_w(W)`` in the weight's dtype with the straight-through gradient."""
-    codes, alpha = quantize_weight_ternary(weight)
-    return ste(weight, dequantize(codes, alpha))
+    return ste(weight, fake_quantize_weight_values(weight))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,9 +287,64 @@ def quantize_act(x: torch.Tensor, name: str, topk_ratio: float = 0.5) -> Quantiz
     raise ValueError(f"unknown activation quantiser {name!r}; expected int8, int4, fp4 or topk_int8")
 
 
+def _topk_keep(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """``topk_mask`` from the magnitudes as an fp32 tensor of 0 and 1 (the same lowest-index-first tie rule)."""
+    threshold = magnitude.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # the k-th largest
+    # 1 where |x| >= threshold: sign(|x| - threshold) + 1, clamped at 1 (float passes; bool masks are slower here).
+    keep = torch.sub(magnitude, threshold).sign_().add_(1.0).clamp_(max=1.0)
+    # Without ties at the threshold (the common case) exactly k entries are kept. The check reads one flag back,
+    # so it is only taken on the CPU; rows with ties (or a flushed denormal difference) take the tie rule.
+    if magnitude.device.type == "cpu" and bool((keep.sum(dim=-1) == k).all()):
+        return keep
+    above = magnitude > threshold
+    ties = magnitude == threshold
+    room = k - above.sum(dim=-1, keepdim=True)
+    return (above | (ties & (ties.cumsum(dim=-1) <= room))).float()
+
+
+def _int8_codes(
+    xf: torch.Tensor, gamma: torch.Tensor, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 INT8 codes of ``xf`` (times the 0/1 ``keep``) and their scale, from γ = max|X| of the row (unclamped)."""
+    inv_scale = INT8_QMAX / gamma.clamp(min=QUANT_EPS)
+    t = xf * inv_scale
+    if keep is not None:
+        t.mul_(keep)
+    # |t| <= max|X| · fl(127 / γ) < 127.5, so the clamp of quantize_act_int8 never changes a finite entry.
+    return t.round_(), 1.0 / inv_scale
+
+
+def fake_quantize_act_values(x: torch.Tensor, name: str, topk_ratio: float = 0.5) -> torch.Tensor:
+    """The value of the input quantiser ``name`` in ``x.dtype``, without gradient: ``dequantize(*quantize_act(x))``.
+
+    TopK takes the entries at or above the k-th largest |X| and falls back to the tie rule of :func:`topk_mask` only
+    where there are ties at it; γ of the kept values is max|X| itself, since TopK keeps the largest entry.
+    """
+    if torch.compiler.is_compiling() or not _is_plain(x) or name == "fp4":  # FP4 is rarely trained
+        codes, scale = quantize_act(x.detach(), name, topk_ratio)
+        return dequantize(codes, scale, x.dtype)
+    _check_activation(x)
+    with torch.no_grad():
+        xf = x.float()
+        if name == "int8":
+            t, scale = _int8_codes(xf, xf.abs().amax(dim=-1, keepdim=True))
+        elif name == "int4":
+            # The same fp64 sum of |x| as quantize_act_int4 (which converts xf.abs() to fp64), one pass shorter.
+            total = x.to(torch.float64).abs_().sum(dim=-1, keepdim=True)
+            inv_scale = INT4_ABSMEAN_FACTOR / (total / xf.shape[-1]).float().clamp(min=QUANT_EPS)
+            t, scale = (xf * inv_scale).round_().clamp_(INT4_QMIN, INT4_QMAX), 1.0 / inv_scale
+        elif name == "topk_int8":
+            k = topk_count(xf.shape[-1], topk_ratio)
+            magnitude = xf.abs()
+            keep = None if k == xf.shape[-1] else _topk_keep(magnitude, k)
+            t, scale = _int8_codes(xf, magnitude.amax(dim=-1, keepdim=True), keep)
+        else:
+            raise ValueError(f"unknown activation quantiser {name!r}; expected int8, int4, fp4 or topk_int8")
+        return _scale_codes_(t, scale, x.dtype)
+
+
 def fake_quantize_act(x: torch.Tensor, name: str, topk_ratio: float = 0.5) -> torch.Tensor:
     """Dequantised activation in ``x.dtype`` with the straight-through gradient; ``name="none"`` is identity."""
     if name == "none":
         return x
-    codes, scale = quantize_act(x, name, topk_ratio)
-    return ste(x, dequantize(codes, scale))
+    return ste(x, fake_quantize_act_values(x, name, topk_ratio))
