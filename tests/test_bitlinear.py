@@ -213,3 +213,59 @@ def test_offloaded_layer_keeps_no_copy(counter: QuantiseCounter) -> None:
     with torch.no_grad():
         model(torch.randn(2, 64)), model(torch.randn(2, 64))
     assert model[0]._weight_cache is None and counter.calls == 2
+
+
+def _old_composition(layers: list[BitLinear], x: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer as it was written before the training path: its own quantiser of the input, STE on both sides."""
+    from bitnet_a48.quantization import ste
+
+    outs = []
+    for layer in layers:
+        a_codes, a_scale = quantize_act(x, layer.act_quantizer, layer.topk_ratio)
+        w_codes, alpha = quantize_weight_ternary(layer.weight)
+        xq = ste(x, dequantize(a_codes, a_scale, x.dtype))
+        outs.append(F.linear(xq, ste(layer.weight, dequantize(w_codes, alpha, layer.weight.dtype))))
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("role", ROLES)
+def test_layers_sharing_an_input_give_the_old_values_and_gradients_bit_for_bit(role: str, dtype: torch.dtype) -> None:
+    # q/k/v (and gate/up) read one tensor, which is quantised once for all of them (bitlinear.quantize_input).
+    torch.manual_seed(3)
+    layers = [BitLinear(96, n, role=role, quant_mode="a4.8", dtype=dtype) for n in (40, 24, 24)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.weight, std=0.02)
+    base = (torch.randn(2, 7, 96) * 2).to(dtype)
+    results = []
+    for forward in (lambda x: [layer(x) for layer in layers], lambda x: _old_composition(layers, x)):
+        x = base.clone().requires_grad_(True)
+        for layer in layers:
+            layer.weight.grad = None
+        outs = forward(x)
+        sum((out.float() * (i + 1)).sum() for i, out in enumerate(outs)).backward()
+        results.append(([out.detach() for out in outs], x.grad, [layer.weight.grad for layer in layers]))
+    (new_outs, new_gx, new_gw), (old_outs, old_gx, old_gw) = results
+    assert all(torch.equal(a, b) for a, b in zip(new_outs, old_outs, strict=True))
+    assert torch.equal(new_gx, old_gx)
+    assert all(torch.equal(a, b) for a, b in zip(new_gw, old_gw, strict=True))
+
+
+def test_shared_input_is_requantised_after_a_change_and_freed_with_its_input() -> None:
+    import gc
+    import weakref
+
+    q, k = BitLinear(32, 8, role="qkv"), BitLinear(32, 8, role="qkv")
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        q(x)
+        x.mul_(-3.0)  # in place: the version counter moves, so k quantises the new values
+        assert torch.equal(k(x), _fresh(k, x))
+        o = BitLinear(32, 8, role="o")  # another quantiser of the same tensor
+        assert torch.equal(o(x), _fresh(o, x))
+    kept = bitlinear._last_input
+    assert kept is not None and kept[0]() is x
+    value = weakref.ref(kept[2])
+    del x, kept
+    gc.collect()
+    assert bitlinear._last_input is None and value() is None

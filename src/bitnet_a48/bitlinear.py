@@ -29,10 +29,16 @@ shape, so in-place updates through autograd's view of the tensor (``optimizer.st
 accelerate offloads keep nothing. Writes through ``weight.data`` bypass the version counter and cannot be seen: call
 :meth:`BitLinear.clear_weight_cache` after them (``train()`` / ``eval()`` clear it too, and this package's LoRA merge
 does; see ``peft_bitnet_a48.py``). The copy costs one more weight-sized tensor; the packed model is the lean path.
+
+Projections that read one tensor (q, k and v; gate and up) quantise it once: the quantised input of the last call is
+kept beside a weak reference to its input and reused by the next layer that gets the same tensor, unchanged (its
+autograd version), with the same quantiser (see :func:`quantize_input`). Each layer still has its own
+straight-through node, so the gradients are those of separate quantisers, and the kept value dies with its input.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -45,9 +51,46 @@ from .quantization import (
     ROLES,
     act_quantizer_name,
     fake_quantize_act,
+    fake_quantize_act_values,
     fake_quantize_weight_ternary,
+    ste,
     topk_count,
 )
+
+# (weak reference to an input, key, its quantised value) of the last BitLinear call in this process. One tuple,
+# replaced whole, so concurrent callers can only miss, never read another input's value.
+_last_input: tuple[weakref.ref, tuple[Any, ...], torch.Tensor] | None = None
+
+
+def _forget_input(ref: weakref.ref) -> None:
+    """Weak-reference callback: drop the kept value when its input is freed."""
+    global _last_input
+    kept = _last_input
+    if kept is not None and kept[0] is ref:
+        _last_input = None
+
+
+def quantize_input(input: torch.Tensor, name: str, topk_ratio: float) -> torch.Tensor:
+    """``fake_quantize_act(input, name, topk_ratio)``, computed once for consecutive layers that read one tensor.
+
+    The value is reused while the input is the same tensor at the same autograd version, quantised by the same
+    quantiser in the same inference mode; torch.compile (whose graph shares the work itself), tensor subclasses and
+    inference tensors quantise every call. Writes through ``.data`` between two calls are not seen (as for the
+    kept eval weight).
+    """
+    global _last_input
+    if name == "none":
+        return input
+    if torch.compiler.is_compiling() or type(input) is not torch.Tensor or input.is_inference():
+        return fake_quantize_act(input, name, topk_ratio)
+    key = (name, topk_ratio if name == "topk_int8" else None, input._version, torch.is_inference_mode_enabled())
+    kept = _last_input
+    if kept is not None and kept[0]() is input and kept[1] == key:
+        value = kept[2]
+    else:
+        value = fake_quantize_act_values(input, name, topk_ratio)
+        _last_input = (weakref.ref(input, _forget_input), key, value)
+    return ste(input, value)
 
 
 def _offloaded(module: nn.Module) -> bool:
@@ -62,9 +105,7 @@ class InputQuantizerMixin:
     role: str
     in_features: int
 
-    def set_quant_mode(
-        self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None
-    ) -> None:
+    def set_quant_mode(self, quant_mode: str, topk_ratio: float | None = None, act4_format: str | None = None) -> None:
         """Switch the arithmetic ("a4.8", "a8", "none"); the weights are untouched."""
         if quant_mode not in QUANT_MODES:
             raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {quant_mode!r}")
@@ -165,7 +206,7 @@ class BitLinear(InputQuantizerMixin, nn.Linear):
             )
         if self.quant_mode == "none":
             return F.linear(input, self.weight, self.bias)
-        x = fake_quantize_act(input, self.act_quantizer, self.topk_ratio)
+        x = quantize_input(input, self.act_quantizer, self.topk_ratio)
         return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
