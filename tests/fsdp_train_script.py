@@ -2,7 +2,7 @@
 
 Launched by ``tests/test_accelerate.py``::
 
-    ACCELERATE_USE_CPU=1 accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 \
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 \
         tests/fsdp_train_script.py --out result.json
 
 accelerate 1.15 starts the two processes (torchrun) and the gloo process group, but it only turns on FSDP for

@@ -197,15 +197,16 @@ def _free_port() -> int:
 
 
 def test_fsdp_two_processes_on_cpu_train_like_one(tmp_path: Path) -> None:
-    """``accelerate launch --use_fsdp --num_processes 2`` on CPU (gloo): two FSDP2 steps equal one process's.
+    """``accelerate launch --config_file configs/accelerate/fsdp.yaml`` (FSDP2) with 2 processes on CPU (gloo): two
+    sharded steps equal one process's.
 
     accelerate 1.15 does not shard on CPU itself (it reports MULTI_CPU), so the script applies torch's
     ``fully_shard`` per ``_no_split_modules`` class; see tests/fsdp_train_script.py.
     """
     out = tmp_path / "fsdp.json"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    config = TESTS.parent / "configs" / "accelerate" / "fsdp.yaml"  # the shipped file
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
            "--main_process_port", str(_free_port()), str(TESTS / "fsdp_train_script.py"), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -234,15 +234,15 @@ def _train_argv(play_folder: Path, out: Path) -> list[str]:
 
 
 def test_ddp_two_processes_match_one(play_folder: Path, tmp_path: Path) -> None:
-    """accelerate launch --multi_gpu --num_processes 2 (torchrun, gloo on CPU) gives the losses of one process.
+    """accelerate launch with configs/accelerate/ddp.yaml, 2 processes (torchrun, gloo on CPU): the losses of one.
 
-    Without a GPU, accelerate needs ``--multi_gpu`` to start two processes; ``--cpu`` alone runs one.
+    Without a GPU, accelerate needs ``MULTI_GPU`` (``--multi_gpu``) to start two processes; ``--cpu`` alone runs one.
     """
     pytest.importorskip("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           "29533", "-m", "bitnet_a48.cli", *_train_argv(play_folder, tmp_path / "ddp")]
+    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate" / "ddp.yaml"  # the shipped file
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+           "--main_process_port", "29533", "-m", "bitnet_a48.cli", *_train_argv(play_folder, tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.set_num_threads(1)
