@@ -35,7 +35,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from bitnet_a48 import create_model, quantization
+from bitnet_a48 import create_model, modeling_bitnet_a48, quantization
 from bitnet_a48.modeling_bitnet_a48 import BitNetA48RMSNorm
 from bitnet_a48.training import get_preset
 
@@ -133,7 +133,11 @@ def _line_range(function: Callable) -> tuple[str, int, int]:
     return Path(inspect.getsourcefile(function)).name, first, first + len(lines)
 
 
-NORM_RANGES = [_line_range(BitNetA48RMSNorm.forward), _line_range(LlamaRMSNorm.forward)]
+NORM_RANGES = [_line_range(BitNetA48RMSNorm.forward), _line_range(LlamaRMSNorm.forward)] + [
+    _line_range(function)  # the norm's autograd Function, where the version measured has one
+    for name in ("_RMSNormFunction", "_inverse_rms")
+    if (function := getattr(modeling_bitnet_a48, name, None)) is not None
+]
 QUANT_FILES = {Path(quantization.__file__).name, "bitlinear.py"}
 
 
@@ -202,6 +206,8 @@ def profile_step(step: Callable[[], None]) -> dict[str, float]:
                     return "matmul"
                 if "ScaledDotProduct" in name or "Attention" in name:
                     return "attention"
+                if "RMSNorm" in name:
+                    return "norms"
                 return by_sequence.get(node.sequence_nr, "other")
             node = node.cpu_parent
         return None

@@ -333,3 +333,37 @@ def test_corrupted_packed_checkpoint_is_refused(tiny_config_kwargs: dict, tmp_pa
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="gate_proj.*code 3"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def _autograd_rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The RMSNorm as plain autograd ops (the arithmetic BitNetA48RMSNorm had before its own backward)."""
+    x = hidden_states.float()
+    total = x.pow(2).sum(-1, keepdim=True, dtype=torch.float64)
+    x = x * torch.rsqrt((total / x.shape[-1]).float() + eps)
+    return weight * x.to(hidden_states.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_backward_matches_autograd(dtype: torch.dtype) -> None:
+    from bitnet_a48.modeling_bitnet_a48 import BitNetA48RMSNorm
+
+    norm = BitNetA48RMSNorm(96)
+    with torch.no_grad():
+        norm.weight.normal_()
+    base = (torch.randn(3, 5, 96) * 4).to(dtype)
+    upstream = torch.randn(3, 5, 96)
+    with torch.no_grad():
+        plain = norm(base)
+    grads = []
+    for forward in (norm, lambda t: _autograd_rms_norm(t, norm.weight, norm.variance_epsilon)):
+        x = base.clone().requires_grad_(True)
+        norm.weight.grad = None
+        out = forward(x)
+        assert torch.equal(out.detach(), plain)  # the forward value is the same bit for bit, with or without grad
+        out.backward(upstream)
+        grads.append((x.grad, norm.weight.grad))
+    (gx, gw), (ref_gx, ref_gw) = grads
+    assert torch.equal(gw, ref_gw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    rel = ((gx.float() - ref_gx.float()).norm() / ref_gx.float().norm()).item()
+    assert rel < tol, f"relative difference {rel}, max {(gx.float() - ref_gx.float()).abs().max()}"
