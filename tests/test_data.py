@@ -271,9 +271,9 @@ def test_streaming_equals_map_style_for_one_and_two_ranks(tmp_path: Path, tokeni
 
 
 def test_pipeline_errors_are_one_line(tmp_path: Path, tokenizer: PreTrainedTokenizerFast) -> None:
-    def raises(error: type[Exception], match: str, source: Path, **options: object) -> None:
+    def raises(error: type[Exception], match: str, source: Path, cache: str = "cache", **options: object) -> None:
         with pytest.raises(error, match=match) as info:
-            _pipeline(source, tmp_path / "cache", **options).pack(tokenizer, 16)
+            _pipeline(source, tmp_path / cache, **options).pack(tokenizer, 16)
         assert "\n" not in str(info.value)
 
     raises(FileNotFoundError, "not found", tmp_path / "missing.txt")
@@ -292,11 +292,13 @@ def test_pipeline_errors_are_one_line(tmp_path: Path, tokenizer: PreTrainedToken
     (short / "doc00.txt").write_text("Rain.\n")  # the validation split: document 0
     raises(ValueError, "the validation split has .* tokens, shorter than one sequence of 16 tokens", short)
     # A cached tokenisation whose record names another tokenizer than the one its folder is keyed by.
+    # (A cache of its own: the sources above left token records in "cache" too, and rglob's order is the file
+    # system's.)
     folder = _folder(tmp_path / "docs", [30, 20, 25])
-    _pipeline(folder, tmp_path / "cache").pack(tokenizer, 16)
-    meta = next((tmp_path / "cache").rglob("tokens.json"))
+    _pipeline(folder, tmp_path / "cache-docs").pack(tokenizer, 16)
+    (meta,) = (tmp_path / "cache-docs").rglob("tokens.json")
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "vocab_size": 999}))
-    raises(ValueError, "was tokenised with another tokenizer .*vocabulary 999", folder)
+    raises(ValueError, "was tokenised with another tokenizer .*vocabulary 999", folder, cache="cache-docs")
     with pytest.raises(ValueError, match="several documents"):
         _pipeline(tmp_path / "empty.txt", tmp_path / "cache").stream(tokenizer, 16)
 

@@ -476,16 +476,22 @@ def test_packed_and_converted_tokenizers_get_the_default_chat_template_unless_th
         assert packed.chat_template == (DEFAULT_CHAT_TEMPLATE if template is None else template)
 
 
-@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-def test_python_m_serve_runs_until_interrupted(served: Served, signal_name: str) -> None:
+@pytest.mark.parametrize(
+    "signal_name, started_ignoring_sigint", [("SIGINT", False), ("SIGTERM", False), ("SIGINT", True)]
+)
+def test_python_m_serve_runs_until_interrupted(served: Served, signal_name: str, started_ignoring_sigint: bool) -> None:
     """`python -m bitnet_a48.serve FOLDER` (what `bitnet-a48 serve` runs): serves, then exits 0 on Ctrl-C or
-    SIGTERM."""
+    SIGTERM, also when started with SIGINT ignored (a background job of a non-interactive shell)."""
     import signal
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     port = _free_port()
     command = [sys.executable, "-m", "bitnet_a48.serve", str(served.folder), "--port", str(port), "--threads", "1",
                "--max-batch-size", "2", "--served-model-name", "cli-model"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ignore_sigint if started_ignoring_sigint else None)  # fmt: skip
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
 

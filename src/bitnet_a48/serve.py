@@ -146,16 +146,20 @@ def run_until_interrupted(engine: Any, server: Any, address: str) -> None:
             engine.stop()
 
     thread = threading.Thread(target=http, name="bitnet-a48-http", daemon=True)
-    in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main else None
+    # Ctrl-C and SIGTERM end the engine's loop, as uvicorn's own handlers do when it runs in the main thread: set
+    # explicitly, since a process started with SIGINT ignored (a background job of a non-interactive shell) gets no
+    # KeyboardInterrupt from Python. Only the main thread may set handlers.
+    in_main = threading.current_thread() is threading.main_thread()
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _raise_keyboard_interrupt) for sig in handled} if in_main else {}
     thread.start()
     try:
         engine.run()
     except KeyboardInterrupt:
         pass
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.should_exit = True
         thread.join(10)
     if not server.started:
