@@ -24,18 +24,15 @@ constexpr int64_t kDenseRowGrain = 64;
 // Software prefetch distance into the weight stream (rows are contiguous: it runs on into the next rows).
 constexpr int64_t kDensePrefetchBytes = 4096;
 
-inline float load_weight_scalar(const float* w, int64_t k) { return w[k]; }
-inline float load_weight_scalar(const c10::BFloat16* w, int64_t k) { return static_cast<float>(w[k]); }
-
 // Scalar path: 4 partial sums over consecutive elements, added in order.
 template <typename T>
 static float dense_dot_scalar(const float* x, const T* w, int64_t K) {
   float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   int64_t k = 0;
   for (; k + 4 <= K; k += 4)
-    for (int i = 0; i < 4; ++i) s[i] += x[k + i] * load_weight_scalar(w, k + i);
+    for (int i = 0; i < 4; ++i) s[i] += x[k + i] * to_float(w[k + i]);
   float total = (s[0] + s[1]) + (s[2] + s[3]);
-  for (; k < K; ++k) total += x[k] * load_weight_scalar(w, k);
+  for (; k < K; ++k) total += x[k] * to_float(w[k]);
   return total;
 }
 
@@ -94,7 +91,7 @@ __attribute__((target("avx2,fma"))) static float dense_dot_avx2(const float* x, 
   const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
   float total = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-  for (; k < K; ++k) total += x[k] * load_weight_scalar(w, k);
+  for (; k < K; ++k) total += x[k] * to_float(w[k]);
   return total;
 }
 #endif  // BITNET_A48_X86
