@@ -9,6 +9,7 @@ import torch
 from bitnet_a48 import BitNetA48Config, BitNetA48ForCausalLM, decode_native
 from bitnet_a48 import modeling_bitnet_a48 as modeling
 from bitnet_a48.kernels_cpu_native import load_native
+from bitnet_a48.packed_bitlinear import PackedBitLinear
 from bitnet_a48.sparsity import SparsityMeter
 
 load_native()
@@ -41,9 +42,9 @@ def count_fused(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     run = decode_native._run
 
-    def counting_run(layer, *args):  # noqa: ANN001, ANN002, ANN202
-        calls.append(layer.self_attn.layer_idx)
-        return run(layer, *args)
+    def counting_run(parts, *args):  # noqa: ANN001, ANN002, ANN202
+        calls.append(parts.attn.layer_idx)
+        return run(parts, *args)
 
     monkeypatch.setattr(decode_native, "_run", counting_run)
     return calls
@@ -93,3 +94,33 @@ def test_fused_decode_step_steps_aside_for_query_quantisation(
     calls = count_fused(monkeypatch)
     greedy(model, ids, mask)
     assert calls == []
+
+
+def test_fused_decode_step_reads_submodules_as_they_are_now(
+    tiny_config_kwargs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The step looks the layer's modules up in `_modules` at every call: a projection replaced after the first step
+    # (as PEFT's wrappers do) or a layer of another structure takes the module path from the next step on.
+    model = packed_model(tiny_config_kwargs, torch.float32)
+    ids, mask = prompts()
+    calls = count_fused(monkeypatch)
+    greedy(model, ids, mask)
+    fused_calls = len(calls)
+    assert fused_calls > 0
+    layer = model.model.layers[0]
+    original = layer.self_attn.o_proj
+
+    class Wrapped(PackedBitLinear):  # computes the same, but is another class: the fused op does not know it
+        pass
+
+    wrapped = Wrapped.__new__(Wrapped)
+    wrapped.__dict__.update(original.__dict__)
+    layer.self_attn.o_proj = wrapped
+    calls.clear()
+    replaced_ids, _ = greedy(model, ids, mask)
+    assert 0 not in calls and len(calls) > 0  # the other layers still fuse
+    layer.self_attn.o_proj = original
+    assert decode_native._parts(torch.nn.Module()) is None
+    calls.clear()
+    plain_ids, _ = greedy(model, ids, mask)
+    assert len(calls) == fused_calls and torch.equal(replaced_ids, plain_ids)

@@ -17,11 +17,49 @@ modules.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from .cache_bitnet_a48 import BitNetA48QuantizedCache, BitNetA48QuantizedLayer
 from .packed_bitlinear import fusable_group, has_forward_hooks
+
+
+class _LayerParts(NamedTuple):
+    """The modules of a decoder layer that the fused step reads, looked up in ``_modules`` (a step runs this for
+    every layer: ``nn.Module.__getattr__`` on each name cost more than the checks themselves)."""
+
+    attn: nn.Module
+    mlp: nn.Module
+    act_fn: nn.Module
+    qkv: tuple[nn.Module, nn.Module, nn.Module]
+    o_proj: nn.Module
+    gate_up: tuple[nn.Module, nn.Module]
+    down_proj: nn.Module
+    input_norm: nn.Module
+    attn_sub_norm: nn.Module
+    post_norm: nn.Module
+    ffn_sub_norm: nn.Module
+
+
+def _parts(layer: nn.Module) -> _LayerParts | None:
+    """The layer's submodules by name, or None where one is missing (a layer of another structure)."""
+    modules = layer._modules
+    attn, mlp = modules.get("self_attn"), modules.get("mlp")
+    if attn is None or mlp is None:
+        return None
+    am, mm = attn._modules, mlp._modules
+    found = (
+        mm.get("act_fn"), am.get("q_proj"), am.get("k_proj"), am.get("v_proj"), am.get("o_proj"),
+        mm.get("gate_proj"), mm.get("up_proj"), mm.get("down_proj"), modules.get("input_layernorm"),
+        am.get("attn_sub_norm"), modules.get("post_attention_layernorm"), mm.get("ffn_sub_norm"),
+    )  # fmt: skip
+    if any(m is None for m in found):
+        return None
+    act_fn, q, k, v, o, gate, up, down, input_norm, attn_sub_norm, post_norm, ffn_sub_norm = found
+    return _LayerParts(attn, mlp, act_fn, (q, k, v), o, (gate, up), down, input_norm, attn_sub_norm, post_norm,
+                       ffn_sub_norm)  # fmt: skip
 
 
 def _hook_free(*modules: nn.Module) -> bool:
@@ -44,10 +82,13 @@ def decoder_layer_decode(
         return None
     if torch.is_grad_enabled() and hidden_states.requires_grad:
         return None
-    attn, mlp = layer.self_attn, layer.mlp
-    if attn.layer_idx >= len(cache.layers) or type(mlp.act_fn).__name__ != "ReLUSquared":
+    parts = _parts(layer)
+    if parts is None:
         return None
-    if not _hook_free(layer, attn, mlp, mlp.act_fn):
+    attn = parts.attn
+    if attn.layer_idx >= len(cache.layers) or type(parts.act_fn).__name__ != "ReLUSquared":
+        return None
+    if not _hook_free(layer, attn, parts.mlp, parts.act_fn):
         return None
     kv = cache.layers[attn.layer_idx]
     dtype = hidden_states.dtype
@@ -59,15 +100,14 @@ def decoder_layer_decode(
         return None
     if cos.shape[0] not in (1, batch) or cos.shape[1] != 1 or cos.shape[2] != attn.head_dim:
         return None
-    qkv, gate_up = (attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)
-    norms = (layer.input_layernorm, attn.attn_sub_norm, layer.post_attention_layernorm, mlp.ffn_sub_norm)
+    norms = (parts.input_norm, parts.attn_sub_norm, parts.post_norm, parts.ffn_sub_norm)
     if len({getattr(norm, "variance_epsilon", None) for norm in norms}) != 1:  # the op takes one epsilon
         return None
     if not (
-        fusable_group(qkv, dtype, layer.input_layernorm)
-        and fusable_group((attn.o_proj,), dtype, attn.attn_sub_norm)
-        and fusable_group(gate_up, dtype, layer.post_attention_layernorm, relu2_glu=True)
-        and fusable_group((mlp.down_proj,), dtype, mlp.ffn_sub_norm)
+        fusable_group(parts.qkv, dtype, parts.input_norm)
+        and fusable_group((parts.o_proj,), dtype, parts.attn_sub_norm)
+        and fusable_group(parts.gate_up, dtype, parts.post_norm, relu2_glu=True)
+        and fusable_group((parts.down_proj,), dtype, parts.ffn_sub_norm)
     ):
         return None
     kv_len = kv.get_mask_sizes(1)[0]
@@ -76,14 +116,14 @@ def decoder_layer_decode(
         return None  # the module path says what is wrong
     bias = cache.decode_bias(attention_mask, kv_len)
     kv._reserve(kv.n_quant + 1)
-    out = _run(layer, hidden_states.reshape(batch, -1), cos, sin, kv, bias, position_ids)
+    out = _run(parts, hidden_states.reshape(batch, -1), cos, sin, kv, bias, position_ids)
     kv.n_quant += 1
     kv.cumulative_length += 1
     return out.view(batch, 1, -1)
 
 
 def _run(
-    layer: nn.Module,
+    parts: _LayerParts,
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -93,24 +133,21 @@ def _run(
 ) -> torch.Tensor:
     """The op on the layer's buffers: x (B, hidden) -> (B, hidden); appends to ``kv`` (whose counters the caller
     advances)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
+    attn, (q, k, v), o, (gate, up), down = parts.attn, parts.qkv, parts.o_proj, parts.gate_up, parts.down_proj
+    qb, kb, vb, ob, gb, ub, db = (p._buffers for p in (q, k, v, o, gate, up, down))
     sink = kv.sink_bits is not None
     return torch.ops.bitnet_a48_native.decoder_layer_decode(
         x.contiguous(),
-        layer.input_layernorm._parameters["weight"], attn.attn_sub_norm._parameters["weight"],
-        layer.post_attention_layernorm._parameters["weight"], mlp.ffn_sub_norm._parameters["weight"],
-        float(layer.input_layernorm.variance_epsilon),
-        [p._buffers["weight"] for p in qkv], [p._buffers["weight_scale"] for p in qkv], [p.out_features for p in qkv],
-        attn.q_proj.act_quantizer, attn.q_proj.native_topk(),
-        attn.o_proj._buffers["weight"], attn.o_proj._buffers["weight_scale"],
-        attn.o_proj.act_quantizer, attn.o_proj.native_topk(),
-        [mlp.gate_proj._buffers["weight"], mlp.up_proj._buffers["weight"]],
-        [mlp.gate_proj._buffers["weight_scale"], mlp.up_proj._buffers["weight_scale"]], mlp.gate_proj.out_features,
-        mlp.gate_proj.act_quantizer, mlp.gate_proj.native_topk(),
-        mlp.down_proj._buffers["weight"], mlp.down_proj._buffers["weight_scale"],
-        mlp.down_proj.act_quantizer, mlp.down_proj.native_topk(),
-        cos.contiguous(), sin.contiguous(), attn.q_proj.out_features // attn.head_dim, attn.head_dim,
+        parts.input_norm._parameters["weight"], parts.attn_sub_norm._parameters["weight"],
+        parts.post_norm._parameters["weight"], parts.ffn_sub_norm._parameters["weight"],
+        float(parts.input_norm.variance_epsilon),
+        [qb["weight"], kb["weight"], vb["weight"]], [qb["weight_scale"], kb["weight_scale"], vb["weight_scale"]],
+        [q.out_features, k.out_features, v.out_features], q.act_quantizer, q.native_topk(),
+        ob["weight"], ob["weight_scale"], o.act_quantizer, o.native_topk(),
+        [gb["weight"], ub["weight"]], [gb["weight_scale"], ub["weight_scale"]], gate.out_features,
+        gate.act_quantizer, gate.native_topk(),
+        db["weight"], db["weight_scale"], down.act_quantizer, down.native_topk(),
+        cos.contiguous(), sin.contiguous(), q.out_features // attn.head_dim, attn.head_dim,
         kv.k_packed, kv.k_scale, kv.v_packed, kv.v_scale, kv.n_quant, kv.bits,
         kv.k_sink if sink else None, kv.k_sink_scale if sink else None,
         kv.v_sink if sink else None, kv.v_sink_scale if sink else None,
