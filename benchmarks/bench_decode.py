@@ -15,15 +15,15 @@ few layers (``--layers``, default 4). Every model holds random weights. Models:
   ``BitLinear`` (packed uint8, unpacked to bf16 every forward); ``HF BitNet autobitlinear``: offline
   ``AutoBitLinear`` (ternary bf16 weights times ``weight_scale``). Their ``torch.compile`` warm-up is not timed.
 
-Timing: greedy ``generate`` after a 16-token prompt (``min_new_tokens`` = max, so EOS never stops it); one short
-generate per model and batch size first (warm-up, compilation). Each round times, per model, ``generate`` of 1 token
-(prefill + first token) and of ``--new-tokens`` tokens; a decode step is their difference divided by the extra
-tokens, so prefill is excluded (transformers' ``BitLinear`` takes seconds per step: ``--bitlinear-new-tokens``,
-default 8). The models are timed interleaved, ``--reps`` rounds, and the ratio to LLaMA bf16 is the median of the
-per-round ratios (absolute times on a shared CPU drift between rounds). The bf16 lm_head is also timed alone, to
-show its share. Memory: each model is built again in a fresh subprocess that reports its resident set
-(``/proc/self/status``): RSS after building minus RSS before, and the peak RSS (VmHWM, reset after warm-up) during
-one generate of ``--mem-new-tokens`` tokens minus RSS before building.
+Timing: greedy ``generate`` after a 16-token prompt (``eos_token_id=None``, so nothing stops it before the last
+token); one short generate per model and batch size first (warm-up, compilation). Each round times, per model,
+``generate`` of 1 token (prefill + first token) and of ``--new-tokens`` tokens; a decode step is their difference
+divided by the extra tokens, so prefill is excluded (transformers' ``BitLinear`` takes seconds per step:
+``--bitlinear-new-tokens``, default 8). The models are timed interleaved, ``--reps`` rounds, and the ratio to LLaMA
+bf16 is the median of the per-round ratios (absolute times on a shared CPU drift between rounds). The bf16 lm_head
+is also timed alone, to show its share. Memory: each model is built again in a fresh subprocess that reports its
+resident set (``/proc/self/status``): RSS after building minus RSS before, and the peak RSS (VmHWM, reset after
+warm-up) during one generate of ``--mem-new-tokens`` tokens minus RSS before building.
 
     python benchmarks/bench_decode.py                                 # batch 1 and 8, 128 tokens (long on 2 cores)
     python benchmarks/bench_decode.py --batch 1 --new-tokens 32 --reps 3
@@ -171,16 +171,23 @@ def weight_nbytes(model: nn.Module) -> int:
 
 
 def generate(entry: Entry, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy ``generate()`` of exactly ``new_tokens`` tokens. With no end-of-sequence token (``eos_token_id=None``)
+    nothing stops it early; ``min_new_tokens`` would do the same through a logits processor that builds and masks a
+    vocabulary-sized tensor every step (about 1.5 ms a token at 128256 entries on 2 cores), work that neither a
+    user's plain ``max_new_tokens`` call nor llama.cpp's decode loop does."""
     if isinstance(entry.model, BitNetA48ForCausalLM):
         entry.model.config.kv_cache_bits = entry.kv_cache_bits
-    return entry.model.generate(
+    out = entry.model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         do_sample=False,
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
+        eos_token_id=None,
         pad_token_id=0,
     )
+    if out.shape[1] != input_ids.shape[1] + new_tokens:
+        raise RuntimeError(f"generate() returned {out.shape[1] - input_ids.shape[1]} new tokens, not {new_tokens}")
+    return out
 
 
 def make_prompt(batch: int, vocab: int) -> torch.Tensor:

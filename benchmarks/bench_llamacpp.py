@@ -22,7 +22,8 @@ What it measures, all on the 2B-4T shape (hidden 2560, FFN 6912, 20 heads, 5 KV 
 
 Decode: a 16-token prompt, then ``--new-tokens`` (N) greedy tokens; ms per decoded token with the prefill excluded.
 llama.cpp: the N - 1 single-token ``eval`` calls after the prefill and first token, divided by N - 1. Ours and LLaMA
-(``generate`` keeps its loop): (time of ``generate`` of N tokens - time of ``generate`` of 1 token) / (N - 1).
+(``generate`` keeps its loop, with ``eos_token_id=None`` as llama.cpp's loop checks for no end token): (time of
+``generate`` of N tokens - time of ``generate`` of 1 token) / (N - 1).
 Prefill: one forward of a 128-token prompt into a fresh cache, as tokens/s (llama.cpp: one ``eval`` of the 128
 tokens with ``n_batch`` 128; ours and LLaMA: ``generate`` of 1 new token). Every row is warmed up first (page-in of
 the mmapped GGUF, the first load of our native kernels); then ``--reps`` rounds time every row in turn (interleaved) and
