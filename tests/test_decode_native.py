@@ -50,14 +50,21 @@ def count_fused(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def fused_setup(
+    tiny_config_kwargs: dict, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype = torch.float32, **config: object
+) -> tuple[BitNetA48ForCausalLM, torch.Tensor, torch.Tensor, list[int]]:
+    """A packed model, the prompts and their mask, and the list of layers that each fused step ran."""
+    model = packed_model(tiny_config_kwargs, dtype, **config)
+    ids, mask = prompts()
+    return model, ids, mask, count_fused(monkeypatch)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("quant_mode", ["a4.8", "a8"])
 def test_fused_decode_step_equals_the_per_op_path(
     tiny_config_kwargs: dict, dtype: torch.dtype, quant_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = packed_model(tiny_config_kwargs, dtype, quant_mode=quant_mode)
-    ids, mask = prompts()
-    calls = count_fused(monkeypatch)
+    model, ids, mask, calls = fused_setup(tiny_config_kwargs, monkeypatch, dtype, quant_mode=quant_mode)
     fused_ids, fused_logits = greedy(model, ids, mask)
     layers = model.config.num_hidden_layers
     # decode steps with a full window (prompt 9 > window 4): every layer of every step after the first token
@@ -71,9 +78,7 @@ def test_fused_decode_step_equals_the_per_op_path(
 def test_fused_decode_step_steps_aside_for_hooks_and_other_caches(
     tiny_config_kwargs: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = packed_model(tiny_config_kwargs, torch.float32)
-    ids, mask = prompts()
-    calls = count_fused(monkeypatch)
+    model, ids, mask, calls = fused_setup(tiny_config_kwargs, monkeypatch)
     with SparsityMeter(model):  # forward hooks on every projection must see every call
         hooked_ids, _ = greedy(model, ids, mask)
     assert calls == []
@@ -89,9 +94,7 @@ def test_fused_decode_step_steps_aside_for_hooks_and_other_caches(
 def test_fused_decode_step_steps_aside_for_query_quantisation(
     tiny_config_kwargs: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = packed_model(tiny_config_kwargs, torch.float32, kv_cache_query_bits=8)
-    ids, mask = prompts()
-    calls = count_fused(monkeypatch)
+    model, ids, mask, calls = fused_setup(tiny_config_kwargs, monkeypatch, kv_cache_query_bits=8)
     greedy(model, ids, mask)
     assert calls == []
 
@@ -101,9 +104,7 @@ def test_fused_decode_step_reads_submodules_as_they_are_now(
 ) -> None:
     # The step looks the layer's modules up in `_modules` at every call: a projection replaced after the first step
     # (as PEFT's wrappers do) or a layer of another structure takes the module path from the next step on.
-    model = packed_model(tiny_config_kwargs, torch.float32)
-    ids, mask = prompts()
-    calls = count_fused(monkeypatch)
+    model, ids, mask, calls = fused_setup(tiny_config_kwargs, monkeypatch)
     greedy(model, ids, mask)
     fused_calls = len(calls)
     assert fused_calls > 0
