@@ -10,10 +10,9 @@ with the batch size and sequence length of the training preset's recipe (``train
 
 The models are timed in turn, one step each per round, so that drift of a shared CPU hits all of them alike; each
 time is the median over the rounds after warm-up (and the fastest round, the least disturbed on a shared CPU), and
-the ratios compare times of the same run. ``--profile``
-adds where the time of one step goes: torch.profiler self times grouped by the Python function that issued each op
-(weight quantiser, activation quantisers, TopK, straight-through estimator, RMSNorms) and, for the backward, by the
-forward op that created the autograd node.
+the ratios compare times of the same run. ``--profile`` adds where the time of one step goes: torch.profiler self
+times grouped by the Python function that issued each op (weight quantiser, activation quantisers, TopK,
+straight-through estimator, RMSNorms) and, for the backward, by the forward op that created the autograd node.
 
     python benchmarks/bench_qat_step.py                                  # quickstart and small, 1 and 2 threads
     python benchmarks/bench_qat_step.py --presets quickstart --threads 2 --profile
